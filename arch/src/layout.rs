@@ -34,6 +34,8 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// The MP table lives in the EBDA, where Linux scans for it.
 pub const MPTABLE_START: u64 = EBDA_START;
+/// End of the EBDA and of conventional memory: the legacy video hole starts here.
+pub const EBDA_END: u64 = 0xa0000;
 /// Start of the BIOS read-only area (reserved in E820); the ACPI RSDP is placed here, where
 /// Linux scans for it (0xe0000..0x100000).
 pub const BIOS_AREA_START: u64 = 0xe0000;
