@@ -9,8 +9,11 @@
 
 #![warn(missing_docs)]
 
+pub mod acpi;
+pub mod boot;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
