@@ -11,9 +11,12 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod msr;
+pub mod regs;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
