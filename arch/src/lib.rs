@@ -11,6 +11,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpuid;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;
