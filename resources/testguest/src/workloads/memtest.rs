@@ -80,11 +80,12 @@ impl Pages {
 
     fn push(&mut self, start: u64, end: u64, limit: u64) {
         let start = start.next_multiple_of(PAGE);
-        let mut end = end & !(PAGE - 1);
+        let end = end & !(PAGE - 1);
         if end <= start || self.len == MAX_RANGES || self.total >= limit {
             return;
         }
-        end = end.min(start + (limit - self.total) * PAGE);
+        let room = (limit - self.total).saturating_mul(PAGE);
+        let end = end.min(start.saturating_add(room));
         self.ranges[self.len] = (start, end);
         self.len += 1;
         self.total += (end - start) / PAGE;
