@@ -34,7 +34,7 @@ pub fn read_u64(addr: u64) -> u64 {
 
 /// Writes a u64 to physical memory (aligned).
 pub fn write_u64(addr: u64, value: u64) {
-    debug_assert!(addr % 8 == 0);
+    debug_assert!(addr & 7 == 0);
     // SAFETY: `addr` is identity-mapped, user-accessible and 8-byte aligned; callers only write
     // memory the guest owns (page tables in .bss, RAM outside the image, the IDT).
     unsafe { core::ptr::write_volatile(addr as *mut u64, value) }

@@ -149,7 +149,7 @@ impl Generations {
     }
 
     fn set(&self, idx: u64, gen: u32) {
-        let word = self.addr + (idx * 4 & !7);
+        let word = self.addr + ((idx * 4) & !7);
         let old = phys::read_u64(word);
         let shift = (idx & 1) * 32;
         let new = (old & !(0xffff_ffffu64 << shift)) | (u64::from(gen) << shift);
