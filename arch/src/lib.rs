@@ -18,6 +18,7 @@ pub mod memory;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod template;
 
 #[cfg(test)]
 pub(crate) mod test_utils;
