@@ -219,7 +219,7 @@ fn replace_topology_leaf(
 
 /// Adjusts the CPUID KVM_GET_SUPPORTED_CPUID returned for vCPU `vcpu_id` of `cpu_count`:
 ///
-/// - 0x1: initial APIC ID (EBX[31:24]) = `vcpu_id`, logical processor count (EBX[23:16]) =
+/// - 0x1: initial APIC ID (`EBX[31:24]`) = `vcpu_id`, logical processor count (`EBX[23:16]`) =
 ///   `cpu_count`, CLFLUSH line size 64 bytes, HTT when `cpu_count` > 1, hypervisor bit set;
 ///   everything else (TSC-deadline included) as KVM reports it;
 /// - 0x4 (Intel): cores per package and threads sharing each cache (L1/L2 per core, L3 by
