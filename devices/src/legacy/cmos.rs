@@ -57,19 +57,21 @@ fn civil_from_unix(secs: u64) -> DateTime {
     let weekday = (days + 4) % 7 + 1;
     // All fields are small and non-negative for any u64 seconds count after 1970.
     let field = |v: i64| u32::try_from(v).unwrap_or(0);
+    let small = |v: u64| u32::try_from(v).unwrap_or(0);
     DateTime {
         year: field(year),
         month: field(month),
         day: field(day),
-        weekday: weekday as u32,
-        hour: (rem / 3600) as u32,
-        minute: (rem / 60 % 60) as u32,
-        second: (rem % 60) as u32,
+        weekday: small(weekday),
+        hour: small(rem / 3600),
+        minute: small(rem / 60 % 60),
+        second: small(rem % 60),
     }
 }
 
 fn to_bcd(v: u32) -> u8 {
-    (((v / 10 % 10) << 4) | (v % 10)) as u8
+    // Two BCD digits always fit a byte.
+    u8::try_from(((v / 10 % 10) << 4) | (v % 10)).unwrap_or(0)
 }
 
 /// The CMOS RTC and NVRAM.
@@ -113,7 +115,7 @@ impl Cmos {
 
     fn encode(&self, v: u32) -> u8 {
         if self.nvram[REG_B] & REG_B_BINARY != 0 {
-            (v % 256) as u8
+            u8::try_from(v % 256).unwrap_or(0)
         } else {
             to_bcd(v)
         }
