@@ -44,3 +44,9 @@ extern "C" fn tg_main() -> ! {
 fn panic(panic: &core::panic::PanicInfo<'_>) -> ! {
     exit::fail(format_args!("panic {}", panic.message()))
 }
+
+/// The precompiled `core` of an unwinding target refers to this symbol; with panics aborting
+/// nothing ever calls it. Unoptimised builds keep the reference, so give it a body.
+#[cfg(debug_assertions)]
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
