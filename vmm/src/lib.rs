@@ -1,1 +1,15 @@
-//! placeholder
+//! Anvil's VMM core: it owns the KVM VM, the vCPU threads, guest memory, the devices and the
+//! event loop. It knows nothing of HTTP or the command line: callers build a [`VmConfig`]
+//! and hand it to [`Vmm::build`], then [`Vmm::run`] drives the guest until it stops.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod device_manager;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+mod vmm;
+
+pub use config::{BootProtocolChoice, ConfigError, VmConfig};
+pub use vmm::{VmOutcome, Vmm, VmmError};

@@ -1,0 +1,261 @@
+//! The configuration of one VM, shared by the CLI (and later the API and config files), and
+//! the one place where it is validated.
+
+use std::path::PathBuf;
+
+use arch::layout::MAX_VCPUS;
+
+/// The kernel command line used when the user gives none: a serial console, reset through
+/// the i8042 on reboot, reboot at once on panic, and no time spent probing hardware a microVM
+/// does not have.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd \
+     tsc=reliable no_timer_check quiet";
+
+/// Which boot protocol to use for the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BootProtocolChoice {
+    /// PVH when the ELF kernel has a PVH note, else the 64-bit Linux boot protocol.
+    #[default]
+    Auto,
+    /// The 64-bit Linux boot protocol (zero page), even if a PVH note exists.
+    Linux64,
+    /// PVH; refused when the kernel has no PVH note.
+    Pvh,
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpu_count: u8,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Optional Firecracker-style custom CPU template (JSON).
+    pub cpu_template: Option<PathBuf>,
+    /// Boot protocol selection.
+    pub boot_protocol: BootProtocolChoice,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            cpu_template: None,
+            boot_protocol: BootProtocolChoice::Auto,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// A configuration value that is wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The memory size text cannot be parsed.
+    #[error("invalid memory size {0:?}: expected a number of MiB or a size such as 512M or 2G")]
+    MemSizeSyntax(String),
+    /// The memory size is zero.
+    #[error("memory size must be at least 1 MiB")]
+    MemSizeZero,
+    /// The memory size is larger than anvil supports.
+    #[error("memory size {mib} MiB is larger than the maximum of {max} MiB")]
+    MemSizeTooLarge {
+        /// Requested size.
+        mib: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The vCPU count is zero.
+    #[error("vCPU count must be at least 1")]
+    VcpuCountZero,
+    /// The vCPU count is beyond anvil's limit.
+    #[error("vCPU count {count} is larger than the maximum of {max}")]
+    VcpuCountTooLarge {
+        /// Requested count.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The command line has a byte a kernel command line cannot carry.
+    #[error("kernel command line has a non-printable or non-ASCII character at byte {0}")]
+    CmdlineCharacter(usize),
+    /// The command line is too long for the boot protocol.
+    #[error("kernel command line is {len} bytes, longer than the maximum of {max}")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Largest guest RAM anvil accepts in a configuration (1 TiB); the host's own memory is
+/// checked when the VM is built.
+pub const MAX_MEM_SIZE_MIB: u64 = 1 << 20;
+
+/// Parses a memory size: a plain number of MiB, or a number with a `K`, `M`, `G` or `T`
+/// suffix (optionally followed by `i` and/or `B`). Returns MiB; sizes must be whole MiB.
+pub fn parse_mem_size_mib(text: &str) -> Result<u64, ConfigError> {
+    let syntax = || ConfigError::MemSizeSyntax(text.to_string());
+    let t = text.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits_end);
+    let value: u64 = num.parse().map_err(|_| syntax())?;
+    let unit = suffix.trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let kib: u64 = match unit {
+        "" | "M" | "m" => value.checked_mul(1024),
+        "K" | "k" => value.is_multiple_of(1024).then_some(value),
+        "G" | "g" => value.checked_mul(1024 * 1024),
+        "T" | "t" => value.checked_mul(1024 * 1024 * 1024),
+        _ => None,
+    }
+    .ok_or_else(syntax)?;
+    let mib = kib / 1024;
+    if mib == 0 {
+        return Err(ConfigError::MemSizeZero);
+    }
+    if mib > MAX_MEM_SIZE_MIB {
+        return Err(ConfigError::MemSizeTooLarge {
+            mib,
+            max: MAX_MEM_SIZE_MIB,
+        });
+    }
+    Ok(mib)
+}
+
+/// Checks a vCPU count against anvil's own limit (KVM's is checked when the VM is built).
+pub fn validate_vcpu_count(count: u64) -> Result<u8, ConfigError> {
+    match count {
+        0 => Err(ConfigError::VcpuCountZero),
+        n if n > u64::from(MAX_VCPUS) => Err(ConfigError::VcpuCountTooLarge {
+            count: n,
+            max: u64::from(MAX_VCPUS),
+        }),
+        n => u8::try_from(n).map_err(|_| ConfigError::VcpuCountTooLarge {
+            count: n,
+            max: u64::from(MAX_VCPUS),
+        }),
+    }
+}
+
+impl VmConfig {
+    /// Checks the values that need no host resources.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_vcpu_count(u64::from(self.vcpu_count))?;
+        if self.mem_size_mib == 0 {
+            return Err(ConfigError::MemSizeZero);
+        }
+        if self.mem_size_mib > MAX_MEM_SIZE_MIB {
+            return Err(ConfigError::MemSizeTooLarge {
+                mib: self.mem_size_mib,
+                max: MAX_MEM_SIZE_MIB,
+            });
+        }
+        let max = arch::layout::CMDLINE_MAX_SIZE - 1;
+        if self.cmdline.len() > max {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max,
+            });
+        }
+        if let Some(pos) = self
+            .cmdline
+            .bytes()
+            .position(|b| !(b' '..=b'~').contains(&b))
+        {
+            return Err(ConfigError::CmdlineCharacter(pos));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_accept_mib_and_suffixes() {
+        assert_eq!(parse_mem_size_mib("512"), Ok(512));
+        assert_eq!(parse_mem_size_mib("512M"), Ok(512));
+        assert_eq!(parse_mem_size_mib("512MiB"), Ok(512));
+        assert_eq!(parse_mem_size_mib("2G"), Ok(2048));
+        assert_eq!(parse_mem_size_mib("2g"), Ok(2048));
+        assert_eq!(parse_mem_size_mib("1GB"), Ok(1024));
+        assert_eq!(parse_mem_size_mib("4096K"), Ok(4));
+    }
+
+    #[test]
+    fn malformed_memory_sizes_are_refused() {
+        for bad in ["", "M", "12X", "-1", "1.5G", "0x10", "1 G G", "1000K"] {
+            assert!(
+                matches!(parse_mem_size_mib(bad), Err(ConfigError::MemSizeSyntax(_))),
+                "{bad:?} must be refused"
+            );
+        }
+        assert_eq!(parse_mem_size_mib("0"), Err(ConfigError::MemSizeZero));
+        assert_eq!(parse_mem_size_mib("0G"), Err(ConfigError::MemSizeZero));
+        assert!(matches!(
+            parse_mem_size_mib("2T"),
+            Err(ConfigError::MemSizeTooLarge { .. })
+        ));
+        assert!(matches!(
+            parse_mem_size_mib("99999999999999999999"),
+            Err(ConfigError::MemSizeSyntax(_))
+        ));
+        assert!(matches!(
+            parse_mem_size_mib("18446744073709551615G"),
+            Err(ConfigError::MemSizeSyntax(_))
+        ));
+    }
+
+    #[test]
+    fn vcpu_counts_are_bounded() {
+        assert_eq!(validate_vcpu_count(0), Err(ConfigError::VcpuCountZero));
+        assert_eq!(validate_vcpu_count(1), Ok(1));
+        assert_eq!(validate_vcpu_count(254), Ok(254));
+        assert!(matches!(
+            validate_vcpu_count(255),
+            Err(ConfigError::VcpuCountTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn overlong_command_lines_are_refused() {
+        let config = VmConfig {
+            cmdline: "x".repeat(4096),
+            ..VmConfig::default()
+        };
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::CmdlineTooLong { .. })
+        ));
+        assert_eq!(VmConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn command_lines_must_be_printable_ascii() {
+        for (text, pos) in [("a\u{2713}", 1), ("tab\there", 3), ("nl\n", 2)] {
+            let config = VmConfig {
+                cmdline: text.to_string(),
+                ..VmConfig::default()
+            };
+            assert_eq!(
+                config.validate(),
+                Err(ConfigError::CmdlineCharacter(pos)),
+                "{text:?}"
+            );
+        }
+    }
+}

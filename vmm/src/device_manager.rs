@@ -1,0 +1,118 @@
+//! The device manager: creates the legacy devices, places them on the port I/O and MMIO buses
+//! and wires their interrupts (irqfd) and events.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arch::layout::{BOOT_TIMER_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+use devices::legacy::{BootTimer, Cmos, SerialDevice, I8042};
+use devices::{Bus, BusError};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of device setup.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+    /// An interrupt line could not be connected.
+    #[error("cannot connect the interrupt of {0}")]
+    Irqfd(&'static str, #[source] kvm_ioctls::Error),
+    /// A device could not be placed on a bus.
+    #[error("cannot place {0} on the bus")]
+    Bus(&'static str, #[source] BusError),
+}
+
+/// Writes guest console output straight to the host's stdout, unbuffered, so interactive
+/// prompts appear as soon as the guest prints them.
+#[derive(Debug)]
+pub struct ConsoleOut;
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        let n = out.write(buf)?;
+        out.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// The VM's devices and buses.
+#[derive(Debug)]
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio_bus: Bus,
+    /// MMIO bus.
+    pub mmio_bus: Bus,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Signalled when the guest has drained the serial receive FIFO.
+    pub serial_input_room_evt: EventFd,
+    /// Signalled when the guest resets through the i8042.
+    pub reset_evt: EventFd,
+}
+
+fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(what, e))
+}
+
+fn clone_evt(evt: &EventFd, what: &'static str) -> Result<EventFd, DeviceError> {
+    evt.try_clone().map_err(|e| DeviceError::EventFd(what, e))
+}
+
+impl DeviceManager {
+    /// Creates the legacy devices of a PC (COM1, i8042, CMOS RTC, boot timer) for `vm`.
+    pub fn new(
+        vm: &VmFd,
+        start: Instant,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self, DeviceError> {
+        let mut pio_bus = Bus::new();
+
+        let serial_irq = eventfd("COM1")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| DeviceError::Irqfd("COM1", e))?;
+        let serial_input_room_evt = eventfd("COM1 input")?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            console,
+            clone_evt(&serial_input_room_evt, "COM1 input")?,
+        )));
+        pio_bus
+            .insert(serial.clone(), u64::from(COM1_PORT), 8)
+            .map_err(|e| DeviceError::Bus("COM1", e))?;
+
+        let reset_evt = eventfd("i8042 reset")?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(clone_evt(
+            &reset_evt,
+            "i8042 reset",
+        )?)));
+        pio_bus
+            .insert(i8042, u64::from(I8042_PORT), 5)
+            .map_err(|e| DeviceError::Bus("i8042", e))?;
+
+        pio_bus
+            .insert(Arc::new(Mutex::new(Cmos::new())), u64::from(CMOS_PORT), 2)
+            .map_err(|e| DeviceError::Bus("CMOS RTC", e))?;
+        pio_bus
+            .insert(
+                Arc::new(Mutex::new(BootTimer::new(start))),
+                u64::from(BOOT_TIMER_PORT),
+                1,
+            )
+            .map_err(|e| DeviceError::Bus("boot timer", e))?;
+
+        Ok(Self {
+            pio_bus,
+            mmio_bus: Bus::new(),
+            serial,
+            serial_input_room_evt,
+            reset_evt,
+        })
+    }
+}

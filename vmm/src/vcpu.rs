@@ -1,0 +1,308 @@
+//! vCPU threads: each runs `KVM_RUN` in a loop, dispatches port I/O and MMIO exits to the
+//! buses, and reports why it stopped. The event loop talks to a vCPU through a channel and
+//! kicks it out of `KVM_RUN` with a signal that sets `immediate_exit`.
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use devices::Bus;
+use kvm_bindings::{
+    kvm_run, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+/// RFLAGS.IF (Intel SDM Vol. 1, 3.4.3).
+const RFLAGS_IF: u64 = 1 << 9;
+
+thread_local! {
+    /// This thread's `kvm_run` area, so the kick signal handler can set `immediate_exit`.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|ptr| {
+        let run = ptr.get();
+        if !run.is_null() {
+            // SAFETY: the pointer was set by this thread to its own vCPU's `kvm_run` mapping,
+            // which outlives the thread's run loop (it is cleared before the VcpuFd drops);
+            // a volatile byte store is async-signal-safe.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick signal handler; call once before starting vCPU threads.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
+}
+
+/// Errors of vCPU setup and control.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Installing the kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// Spawning the thread failed.
+    #[error("cannot spawn the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+}
+
+/// Why a vCPU stopped for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for a reset or power-off through KVM (system event).
+    GuestReset,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// KVM could not run or emulate the guest.
+    Failed(String),
+}
+
+/// What a vCPU reports to the event loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The vCPU stopped.
+    Stopped {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        reason: VcpuStop,
+    },
+    /// Answer to [`VcpuRequest::CheckProgress`].
+    Progress {
+        /// vCPU index.
+        id: u8,
+        /// The vCPU cannot run again without outside help: halted with interrupts disabled,
+        /// or never started by the guest.
+        idle_forever: bool,
+    },
+}
+
+/// What the event loop asks a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuRequest {
+    /// Report whether this vCPU can still make progress.
+    CheckProgress,
+}
+
+/// A vCPU and what it needs to run.
+#[derive(Debug)]
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+    events: Sender<VcpuEvent>,
+    events_evt: EventFd,
+    requests: Receiver<VcpuRequest>,
+    start: Instant,
+}
+
+/// The event loop's handle on a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    /// vCPU index.
+    pub id: u8,
+    requests: Sender<VcpuRequest>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Sends `request` and kicks the vCPU out of `KVM_RUN` so it sees it.
+    pub fn request(&self, request: VcpuRequest) {
+        // The thread only goes away after reporting that it stopped; a failed send then
+        // needs no answer.
+        if self.requests.send(request).is_ok() {
+            self.kick();
+        }
+    }
+
+    /// Interrupts `KVM_RUN` on this vCPU.
+    pub fn kick(&self) {
+        if let Err(e) = self.thread.kill(kick_signal()) {
+            tracing::debug!(vcpu = self.id, "kick failed: {e}");
+        }
+    }
+}
+
+impl Vcpu {
+    /// A vCPU that reports through `events` (waking the loop with `events_evt`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio_bus: Bus,
+        mmio_bus: Bus,
+        events: Sender<VcpuEvent>,
+        events_evt: EventFd,
+        requests: Receiver<VcpuRequest>,
+        start: Instant,
+    ) -> Self {
+        Self {
+            id,
+            fd,
+            pio_bus,
+            mmio_bus,
+            events,
+            events_evt,
+            requests,
+            start,
+        }
+    }
+
+    /// Starts the vCPU thread.
+    pub fn start(self, requests: Sender<VcpuRequest>) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("anvil-vcpu{id}"))
+            .spawn(move || self.run())
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuHandle {
+            id,
+            requests,
+            thread,
+        })
+    }
+
+    fn report(&self, event: VcpuEvent) {
+        // The loop owns the receiver for the VM's lifetime; if it is gone the process is
+        // exiting and nobody needs the report.
+        if self.events.send(event).is_ok() {
+            if let Err(e) = self.events_evt.write(1) {
+                tracing::error!(vcpu = self.id, "cannot wake the event loop: {e}");
+            }
+        }
+    }
+
+    fn run(mut self) {
+        KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run()));
+        let reason = self.run_loop();
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        self.report(VcpuEvent::Stopped {
+            id: self.id,
+            reason,
+        });
+    }
+
+    fn run_loop(&mut self) -> VcpuStop {
+        let mut first_run = true;
+        loop {
+            if first_run {
+                first_run = false;
+                if self.id == 0 {
+                    tracing::info!(
+                        since_start_us =
+                            u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        "vcpu0 entering KVM_RUN for the first time"
+                    );
+                }
+            }
+            if let Some(stop) = self.run_once() {
+                return stop;
+            }
+        }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit. Returns why the vCPU stops, if it does.
+    fn run_once(&mut self) -> Option<VcpuStop> {
+        // Read before `run()` borrows the fd: the io exit's element size is not part of
+        // what kvm-ioctls returns, and `rep ins/outs` must reach devices element by element.
+        let run_ptr: *const kvm_run = self.fd.get_kvm_run();
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // SAFETY: `run_ptr` points at this vCPU's `kvm_run` mapping, alive as long as
+                // `self.fd`; the exit reason is KVM_EXIT_IO, so the `io` union member is the
+                // valid one, and it does not overlap the data area `data` borrows.
+                let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
+                for chunk in data.chunks(size.max(1)) {
+                    self.pio_bus.write(u64::from(port), chunk);
+                }
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // SAFETY: as for IoOut above.
+                let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
+                for chunk in data.chunks_mut(size.max(1)) {
+                    self.pio_bus.read(u64::from(port), chunk);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.mmio_bus.read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.mmio_bus.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    Some(VcpuStop::GuestReset)
+                }
+                other => Some(VcpuStop::Failed(format!("unexpected system event {other}"))),
+            },
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC, KVM handles HLT itself; this exit means the guest
+                // halted for good.
+                Some(VcpuStop::Failed("guest halted the vCPU outside KVM's LAPIC".into()))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed(format!(
+                "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host cpu {cpu})"
+            ))),
+            Ok(VcpuExit::InternalError) => Some(VcpuStop::Failed(
+                "KVM internal error (the guest ran an instruction KVM cannot emulate)".into(),
+            )),
+            Ok(other) => {
+                tracing::warn!(vcpu = self.id, "unhandled vCPU exit {other:?}");
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                self.serve_requests();
+                None
+            }
+            Err(e) => Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    fn serve_requests(&mut self) {
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                VcpuRequest::CheckProgress => {
+                    let idle_forever = self.idle_forever();
+                    self.report(VcpuEvent::Progress {
+                        id: self.id,
+                        idle_forever,
+                    });
+                }
+            }
+        }
+    }
+
+    /// True when this vCPU cannot run again unless something outside the guest intervenes:
+    /// halted with interrupts disabled, or an AP the guest never started.
+    fn idle_forever(&self) -> bool {
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        match mp.mp_state {
+            KVM_MP_STATE_HALTED => self
+                .fd
+                .get_regs()
+                .map(|regs| regs.rflags & RFLAGS_IF == 0)
+                .unwrap_or(false),
+            KVM_MP_STATE_UNINITIALIZED | KVM_MP_STATE_INIT_RECEIVED => self.id != 0,
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! Building a VM from a [`VmConfig`] and running its event loop.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use arch::boot::BootProtocol;
+use arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use arch::template::CpuTemplate;
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
+use crate::kvm::KvmError;
+use crate::loader::LoaderError;
+use crate::memory::MemoryError;
+use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
+
+/// How often the event loop checks that the guest can still make progress.
+const PROGRESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive checks with every vCPU idle forever before the guest is declared stuck.
+const STUCK_CHECKS: u32 = 2;
+/// Most host input kept for the guest while its serial FIFO is full.
+const MAX_PENDING_INPUT: usize = 4096;
+
+/// Errors of building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM cannot be used.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// More vCPUs than KVM supports.
+    #[error("vCPU count {count} is larger than KVM's maximum of {max} on this host")]
+    TooManyVcpus {
+        /// Requested count.
+        count: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// More memory than the host has.
+    #[error("memory size {mib} MiB is larger than the host's {host_mib} MiB")]
+    TooMuchMemory {
+        /// Requested size.
+        mib: u64,
+        /// The host's memory.
+        host_mib: u64,
+    },
+    /// The CPU template cannot be read or is invalid.
+    #[error("cannot use CPU template {}", .path.display())]
+    CpuTemplate {
+        /// The template file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A KVM VM-level call failed.
+    #[error("KVM cannot {0}")]
+    VmSetup(&'static str, #[source] kvm_ioctls::Error),
+    /// A vCPU cannot be created or configured.
+    #[error("cannot set up vCPU {id}: {what}")]
+    VcpuSetup {
+        /// vCPU index.
+        id: u8,
+        /// The step that failed.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Guest memory setup failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel, initrd or command line failed.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Writing the boot information failed.
+    #[error("cannot write the boot information to guest memory")]
+    Boot(#[source] arch::boot::BootError),
+    /// Device setup failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A vCPU thread failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop failed.
+    #[error("event loop failure: {0}")]
+    EventLoop(&'static str, #[source] std::io::Error),
+}
+
+/// How a VM's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest reset or powered off (a clean stop for a microVM).
+    Reset,
+    /// The guest crashed or stopped making progress.
+    GuestFailure(String),
+}
+
+/// A built VM, ready to run.
+#[derive(Debug)]
+pub struct Vmm {
+    // Kept open for the VM's lifetime.
+    _kvm: Kvm,
+    _vm: VmFd,
+    _guest_memory: GuestMemoryMmap,
+    devices: DeviceManager,
+    vcpus: Vec<Vcpu>,
+    vcpu_requests: Vec<std::sync::mpsc::Sender<VcpuRequest>>,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_events_evt: EventFd,
+    protocol: BootProtocol,
+}
+
+fn vcpu_error<E: std::error::Error + Send + Sync + 'static>(
+    id: u8,
+    what: &'static str,
+) -> impl FnOnce(E) -> VmmError {
+    move |e| VmmError::VcpuSetup {
+        id,
+        what,
+        source: Box::new(e),
+    }
+}
+
+impl Vmm {
+    /// Builds the VM described by `config`: checks it against the host, creates the KVM VM,
+    /// guest memory, devices and vCPUs, and loads the kernel. `start` is when the VMM process
+    /// started (for the boot timer).
+    pub fn build(config: &VmConfig, start: Instant) -> Result<Self, VmmError> {
+        config.validate()?;
+        crate::loader::check_files(&config.kernel, config.initrd.as_deref())?;
+        let kvm = crate::kvm::open(&config.kvm_device)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.vcpu_count) > max_vcpus {
+            return Err(VmmError::TooManyVcpus {
+                count: config.vcpu_count,
+                max: max_vcpus,
+            });
+        }
+        if let Some(host_mib) = crate::kvm::host_memory_mib() {
+            if config.mem_size_mib > host_mib {
+                return Err(VmmError::TooMuchMemory {
+                    mib: config.mem_size_mib,
+                    host_mib,
+                });
+            }
+        }
+        let template = config
+            .cpu_template
+            .as_ref()
+            .map(|path| {
+                let fail =
+                    |source: Box<dyn std::error::Error + Send + Sync>| VmmError::CpuTemplate {
+                        path: path.clone(),
+                        source,
+                    };
+                let text = std::fs::read_to_string(path).map_err(|e| fail(Box::new(e)))?;
+                CpuTemplate::from_json(&text).map_err(|e| fail(Box::new(e)))
+            })
+            .transpose()?;
+
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+
+        let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
+        crate::memory::register_with_kvm(&vm, &guest_memory)?;
+
+        let kernel =
+            crate::loader::load_kernel(&guest_memory, &config.kernel, config.boot_protocol)?;
+        let initrd = config
+            .initrd
+            .as_ref()
+            .map(|path| crate::loader::load_initrd(&guest_memory, path, &kernel))
+            .transpose()?;
+        let (cmdline_addr, cmdline_size) =
+            crate::loader::load_cmdline(&guest_memory, &config.cmdline)?;
+        arch::boot::configure_system(
+            &guest_memory,
+            cmdline_addr,
+            cmdline_size,
+            initrd.as_ref(),
+            config.vcpu_count,
+            kernel.protocol,
+            kernel.setup_header,
+        )
+        .map_err(VmmError::Boot)?;
+        tracing::debug!(
+            entry = kernel.entry.0,
+            protocol = ?kernel.protocol,
+            "kernel loaded"
+        );
+
+        let devices = DeviceManager::new(&vm, start, Box::new(ConsoleOut))?;
+
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmmError::VmSetup("report the supported CPUID", e))?;
+        let template_msrs = match &template {
+            Some(t) => t.msr_entries(|_| None).map_err(|e| VmmError::CpuTemplate {
+                path: config.cpu_template.clone().unwrap_or_default(),
+                source: Box::new(e),
+            })?,
+            None => Vec::new(),
+        };
+        let (events_tx, vcpu_events) = channel();
+        let vcpu_events_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
+        let mut vcpus = Vec::new();
+        let mut vcpu_requests = Vec::new();
+        for id in 0..config.vcpu_count {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(vcpu_error(id, "create"))?;
+            let mut cpuid = supported_cpuid.clone();
+            arch::cpuid::filter_cpuid(&mut cpuid, id, config.vcpu_count)
+                .map_err(vcpu_error(id, "filter CPUID"))?;
+            if let Some(t) = &template {
+                t.apply_cpuid(&mut cpuid)
+                    .map_err(vcpu_error(id, "apply the CPU template"))?;
+            }
+            fd.set_cpuid2(&cpuid).map_err(vcpu_error(id, "set CPUID"))?;
+            arch::msr::setup_msrs(&fd, &template_msrs).map_err(vcpu_error(id, "set MSRs"))?;
+            arch::interrupts::set_lint(&fd).map_err(vcpu_error(id, "set LAPIC LINT0/LINT1"))?;
+            arch::regs::setup_fpu(&fd).map_err(vcpu_error(id, "set the FPU"))?;
+            if id == 0 {
+                arch::regs::setup_regs(&fd, kernel.entry, kernel.protocol)
+                    .map_err(vcpu_error(id, "set registers"))?;
+                arch::regs::setup_sregs(&guest_memory, &fd, kernel.protocol)
+                    .map_err(vcpu_error(id, "set special registers"))?;
+            }
+            let (req_tx, req_rx) = channel();
+            let evt = vcpu_events_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
+            vcpus.push(Vcpu::new(
+                id,
+                fd,
+                devices.pio_bus.clone(),
+                devices.mmio_bus.clone(),
+                events_tx.clone(),
+                evt,
+                req_rx,
+                start,
+            ));
+            vcpu_requests.push(req_tx);
+        }
+
+        Ok(Self {
+            _kvm: kvm,
+            _vm: vm,
+            _guest_memory: guest_memory,
+            devices,
+            vcpus,
+            vcpu_requests,
+            vcpu_events,
+            vcpu_events_evt,
+            protocol: kernel.protocol,
+        })
+    }
+
+    /// The boot protocol the kernel is entered with.
+    pub fn boot_protocol(&self) -> BootProtocol {
+        self.protocol
+    }
+
+    /// Starts the vCPUs and runs the event loop until the guest resets or fails. Guest
+    /// console input is read from `console_in` when given.
+    pub fn run(mut self, console_in: Option<RawFd>) -> Result<VmOutcome, VmmError> {
+        crate::vcpu::register_kick_handler()?;
+        let mut handles = Vec::new();
+        for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
+            handles.push(vcpu.start(requests)?);
+        }
+        let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_events_evt, console_in)?;
+        event_loop.run(&self.devices, &self.vcpu_events, &handles)
+    }
+}
+
+const TOKEN_RESET: u64 = 1;
+const TOKEN_VCPU: u64 = 2;
+const TOKEN_STDIN: u64 = 3;
+const TOKEN_SERIAL_ROOM: u64 = 4;
+
+/// The main thread's epoll loop.
+struct EventLoop {
+    epoll: Epoll,
+    vcpu_evt: EventFd,
+    stdin: Option<RawFd>,
+    stdin_armed: bool,
+    pending_input: Vec<u8>,
+    /// Consecutive progress checks in which every vCPU was idle forever.
+    stuck_checks: u32,
+    /// Answers to the current progress check, by vCPU.
+    progress: BTreeMap<u8, bool>,
+}
+
+impl EventLoop {
+    fn new(
+        devices: &DeviceManager,
+        vcpu_evt: &EventFd,
+        stdin: Option<RawFd>,
+    ) -> Result<Self, VmmError> {
+        let epoll = Epoll::new().map_err(|e| VmmError::EventLoop("create epoll", e))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(devices.reset_evt.as_raw_fd(), TOKEN_RESET)
+            .map_err(|e| VmmError::EventLoop("watch the reset event", e))?;
+        add(vcpu_evt.as_raw_fd(), TOKEN_VCPU)
+            .map_err(|e| VmmError::EventLoop("watch vCPU events", e))?;
+        add(devices.serial_input_room_evt.as_raw_fd(), TOKEN_SERIAL_ROOM)
+            .map_err(|e| VmmError::EventLoop("watch serial input room", e))?;
+        // Regular files and /dev/null cannot be polled (EPERM): then there is no input.
+        let stdin = stdin.filter(|&fd| add(fd, TOKEN_STDIN).is_ok());
+        Ok(Self {
+            epoll,
+            vcpu_evt: vcpu_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?,
+            stdin_armed: stdin.is_some(),
+            stdin,
+            pending_input: Vec::new(),
+            stuck_checks: 0,
+            progress: BTreeMap::new(),
+        })
+    }
+
+    fn run(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) -> Result<VmOutcome, VmmError> {
+        let mut events = vec![EpollEvent::default(); 8];
+        let mut next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
+        loop {
+            let timeout = next_check.saturating_duration_since(Instant::now());
+            let n = match self.epoll.wait(
+                i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX),
+                &mut events,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(VmmError::EventLoop("wait for events", e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_RESET => {
+                        // Drain the counter; the guest asked for a reset, which ends a microVM.
+                        let _ = devices.reset_evt.read();
+                        tracing::info!("guest reset through the i8042; stopping");
+                        return Ok(VmOutcome::Reset);
+                    }
+                    TOKEN_VCPU => {
+                        // Drain the counter; the channel holds the events themselves.
+                        let _ = self.vcpu_evt.read();
+                        while let Ok(event) = vcpu_events.try_recv() {
+                            if let Some(outcome) = self.on_vcpu_event(event, vcpus.len()) {
+                                return Ok(outcome);
+                            }
+                        }
+                    }
+                    TOKEN_STDIN => self.read_stdin(devices)?,
+                    TOKEN_SERIAL_ROOM => {
+                        let _ = devices.serial_input_room_evt.read();
+                        self.feed_serial(devices)?;
+                    }
+                    _ => {}
+                }
+            }
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
+                self.progress.clear();
+                for vcpu in vcpus {
+                    vcpu.request(VcpuRequest::CheckProgress);
+                }
+            }
+        }
+    }
+
+    fn on_vcpu_event(&mut self, event: VcpuEvent, vcpu_count: usize) -> Option<VmOutcome> {
+        match event {
+            VcpuEvent::Stopped { id, reason } => Some(match reason {
+                VcpuStop::GuestReset => VmOutcome::Reset,
+                VcpuStop::TripleFault => {
+                    VmOutcome::GuestFailure(format!("guest crashed: vCPU {id} triple-faulted"))
+                }
+                VcpuStop::Failed(why) => {
+                    VmOutcome::GuestFailure(format!("vCPU {id} stopped: {why}"))
+                }
+            }),
+            VcpuEvent::Progress { id, idle_forever } => {
+                self.progress.insert(id, idle_forever);
+                if self.progress.len() < vcpu_count {
+                    return None;
+                }
+                if self.progress.values().all(|&idle| idle) {
+                    self.stuck_checks += 1;
+                } else {
+                    self.stuck_checks = 0;
+                }
+                self.progress.clear();
+                (self.stuck_checks >= STUCK_CHECKS).then(|| {
+                    VmOutcome::GuestFailure(
+                        "guest stopped making progress: every vCPU is halted with interrupts disabled"
+                            .to_string(),
+                    )
+                })
+            }
+        }
+    }
+
+    fn set_stdin_armed(&mut self, armed: bool) -> Result<(), VmmError> {
+        let Some(fd) = self.stdin else { return Ok(()) };
+        if armed == self.stdin_armed {
+            return Ok(());
+        }
+        let op = if armed {
+            ControlOperation::Add
+        } else {
+            ControlOperation::Delete
+        };
+        self.epoll
+            .ctl(op, fd, EpollEvent::new(EventSet::IN, TOKEN_STDIN))
+            .map_err(|e| VmmError::EventLoop("watch stdin", e))?;
+        self.stdin_armed = armed;
+        Ok(())
+    }
+
+    fn read_stdin(&mut self, devices: &DeviceManager) -> Result<(), VmmError> {
+        let Some(fd) = self.stdin else { return Ok(()) };
+        let mut buf = [0u8; 256];
+        // SAFETY: `buf` is a valid, writable buffer of the given length; `fd` is the stdin
+        // descriptor the caller handed us, which stays open for the process lifetime.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            n if n > 0 => {
+                self.pending_input.extend_from_slice(&buf[..n as usize]);
+                self.pending_input.truncate(MAX_PENDING_INPUT);
+                self.feed_serial(devices)
+            }
+            0 => {
+                // End of input: stop watching it for good.
+                self.set_stdin_armed(false)?;
+                self.stdin = None;
+                Ok(())
+            }
+            _ => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted
+                    || err.kind() == std::io::ErrorKind::WouldBlock
+                {
+                    Ok(())
+                } else {
+                    tracing::warn!("stdin failed ({err}); guest console input disabled");
+                    self.set_stdin_armed(false)?;
+                    self.stdin = None;
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Moves pending host input into the serial FIFO as room allows; stops reading stdin
+    /// while input is pending so a guest that does not read cannot make us buffer forever.
+    fn feed_serial(&mut self, devices: &DeviceManager) -> Result<(), VmmError> {
+        if !self.pending_input.is_empty() {
+            let mut serial = devices.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let room = serial.input_room().min(self.pending_input.len());
+            if room > 0 {
+                match serial.enqueue_input(&self.pending_input[..room]) {
+                    Ok(n) => {
+                        self.pending_input.drain(..n);
+                    }
+                    Err(e) => tracing::warn!("cannot queue console input: {e}"),
+                }
+            }
+        }
+        self.set_stdin_armed(self.pending_input.is_empty())
+    }
+}
