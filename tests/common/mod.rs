@@ -26,6 +26,10 @@ pub fn kvm_available(test: &str) -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
+    assert!(
+        ok || std::env::var_os("ANVIL_REQUIRE_LINUX").is_none(),
+        "{test}: ANVIL_REQUIRE_LINUX is set but /dev/kvm cannot be opened"
+    );
     if !ok {
         eprintln!("SKIPPED {test}: /dev/kvm is missing or not accessible on this host");
     }
@@ -39,6 +43,10 @@ pub fn linux_capable(test: &str) -> bool {
         return false;
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(
+            std::env::var_os("ANVIL_REQUIRE_LINUX").is_none(),
+            "{test}: ANVIL_REQUIRE_LINUX is set but this host's KVM (kvm_pvm) cannot run Linux"
+        );
         eprintln!(
             "SKIPPED {test}: this host's KVM (kvm_pvm) emulates guest kernel code, so Linux \
              cannot boot here; .ci/run runs the Linux lane inside the L1 machine"

@@ -1,0 +1,38 @@
+#!/bin/sh
+# scripts/test.sh: the whole test suite (the README's test command; .ci/run calls it).
+#   1. builds the workspace (anvil-vmm and the test guest) in release mode;
+#   2. runs every cargo test on this host: unit tests, the test-guest lane and the CLI error tests,
+#      and the Linux lane when this host's KVM can run Linux;
+#   3. when it cannot (PVM, which emulates guest kernel code), runs the Linux lane inside the L1
+#      machine (resources/l1), a QEMU guest with hardware-style KVM.
+# Tests skip only where /dev/kvm is missing, and say so.
+set -eu
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+log() { echo "test.sh: $*" >&2; }
+
+log "building (release)"
+cargo build --release --workspace
+
+log "host lane: unit, test guest, CLI errors (and Linux where KVM runs it)"
+cargo test --release --workspace
+
+if [ ! -e /dev/kvm ]; then
+  log "SKIPPED the Linux lane: /dev/kvm is missing on this host"
+  exit 0
+fi
+if [ ! -d /sys/module/kvm_pvm ]; then
+  log "the Linux lane ran above on this host's KVM"
+  exit 0
+fi
+
+log "this host's KVM (kvm_pvm) cannot run Linux: running the Linux lane inside the L1 machine"
+guest_dir=$("$repo/scripts/guest-artifacts.sh")
+test_bin=$(cargo test --release --test linux_boot --no-run --message-format=json 2>/dev/null |
+  grep -o '"executable":"[^"]*linux_boot-[^"]*"' | sed 's/^"executable":"//; s/"$//' | tail -n 1)
+[ -x "$test_bin" ] || { log "cannot find the linux_boot test binary"; exit 1; }
+# ANVIL_REQUIRE_LINUX makes the Linux-lane tests fail instead of skipping if L1 cannot run them.
+ANVIL_GUEST_DIR=$guest_dir ANVIL_REQUIRE_LINUX=1 \
+  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- "$test_bin" --test-threads=1
+log "Linux lane passed inside L1"
