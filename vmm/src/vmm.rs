@@ -105,6 +105,16 @@ pub enum VmOutcome {
     GuestFailure(String),
 }
 
+/// What `Vmm::configure` produces.
+struct Parts {
+    devices: DeviceManager,
+    vcpus: Vec<Vcpu>,
+    vcpu_requests: Vec<std::sync::mpsc::Sender<VcpuRequest>>,
+    vcpu_events: Receiver<VcpuEvent>,
+    vcpu_events_evt: EventFd,
+    protocol: BootProtocol,
+}
+
 /// A built VM, ready to run.
 #[derive(Debug)]
 pub struct Vmm {
@@ -185,19 +195,52 @@ impl Vmm {
             .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
 
         let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
-        crate::memory::register_with_kvm(&vm, &guest_memory)?;
+        let parts = std::thread::scope(|scope| {
+            // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
+            // waits for an SRCU grace period): do it while the kernel is loaded and the vCPUs
+            // are set up, which need the slot only once they run.
+            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let parts = Self::configure(config, &kvm, &vm, &guest_memory, template.as_ref(), start);
+            slots
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            parts
+        })?;
 
+        Ok(Self {
+            _kvm: kvm,
+            _vm: vm,
+            _guest_memory: guest_memory,
+            devices: parts.devices,
+            vcpus: parts.vcpus,
+            vcpu_requests: parts.vcpu_requests,
+            vcpu_events: parts.vcpu_events,
+            vcpu_events_evt: parts.vcpu_events_evt,
+            protocol: parts.protocol,
+        })
+    }
+
+    /// Loads the kernel, initrd and command line, writes the boot tables, creates the devices
+    /// and creates and configures the vCPUs.
+    fn configure(
+        config: &VmConfig,
+        kvm: &Kvm,
+        vm: &VmFd,
+        guest_memory: &GuestMemoryMmap,
+        template: Option<&CpuTemplate>,
+        start: Instant,
+    ) -> Result<Parts, VmmError> {
         let kernel =
-            crate::loader::load_kernel(&guest_memory, &config.kernel, config.boot_protocol)?;
+            crate::loader::load_kernel(guest_memory, &config.kernel, config.boot_protocol)?;
         let initrd = config
             .initrd
             .as_ref()
-            .map(|path| crate::loader::load_initrd(&guest_memory, path, &kernel))
+            .map(|path| crate::loader::load_initrd(guest_memory, path, &kernel))
             .transpose()?;
         let (cmdline_addr, cmdline_size) =
-            crate::loader::load_cmdline(&guest_memory, &config.cmdline)?;
+            crate::loader::load_cmdline(guest_memory, &config.cmdline)?;
         arch::boot::configure_system(
-            &guest_memory,
+            guest_memory,
             cmdline_addr,
             cmdline_size,
             initrd.as_ref(),
@@ -212,12 +255,12 @@ impl Vmm {
             "kernel loaded"
         );
 
-        let devices = DeviceManager::new(&vm, start, Box::new(ConsoleOut))?;
+        let devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmmError::VmSetup("report the supported CPUID", e))?;
-        let template_msrs = match &template {
+        let template_msrs = match template {
             Some(t) => t.msr_entries(|_| None).map_err(|e| VmmError::CpuTemplate {
                 path: config.cpu_template.clone().unwrap_or_default(),
                 source: Box::new(e),
@@ -236,7 +279,7 @@ impl Vmm {
             let mut cpuid = supported_cpuid.clone();
             arch::cpuid::filter_cpuid(&mut cpuid, id, config.vcpu_count)
                 .map_err(vcpu_error(id, "filter CPUID"))?;
-            if let Some(t) = &template {
+            if let Some(t) = template {
                 t.apply_cpuid(&mut cpuid)
                     .map_err(vcpu_error(id, "apply the CPU template"))?;
             }
@@ -247,7 +290,7 @@ impl Vmm {
             if id == 0 {
                 arch::regs::setup_regs(&fd, kernel.entry, kernel.protocol)
                     .map_err(vcpu_error(id, "set registers"))?;
-                arch::regs::setup_sregs(&guest_memory, &fd, kernel.protocol)
+                arch::regs::setup_sregs(guest_memory, &fd, kernel.protocol)
                     .map_err(vcpu_error(id, "set special registers"))?;
             }
             let (req_tx, req_rx) = channel();
@@ -267,10 +310,7 @@ impl Vmm {
             vcpu_requests.push(req_tx);
         }
 
-        Ok(Self {
-            _kvm: kvm,
-            _vm: vm,
-            _guest_memory: guest_memory,
+        Ok(Parts {
             devices,
             vcpus,
             vcpu_requests,
