@@ -7,6 +7,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use devices::legacy::monotonic_us;
 use devices::Bus;
 use kvm_bindings::{
     kvm_run, KVM_MP_STATE_HALTED, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_UNINITIALIZED,
@@ -21,19 +22,6 @@ const RFLAGS_IF: u64 = 1 << 9;
 thread_local! {
     /// This thread's `kvm_run` area, so the kick signal handler can set `immediate_exit`.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// CLOCK_MONOTONIC in microseconds, so benchmarks can compare with their own clock.
-fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to fill in; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
-    let micros = u64::try_from(ts.tv_nsec / 1000).unwrap_or(0);
-    secs * 1_000_000 + micros
 }
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`.

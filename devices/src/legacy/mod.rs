@@ -6,7 +6,7 @@ mod cmos;
 mod i8042;
 mod serial;
 
-pub use boot_timer::BootTimer;
+pub use boot_timer::{monotonic_us, BootTimer};
 pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use serial::{SerialDevice, SerialError, SerialMetrics};
