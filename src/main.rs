@@ -30,8 +30,8 @@ const EXIT_GUEST_FAILURE: u8 = 3;
         error, 2 on a command-line error, 3 when the guest crashes or stops making progress."
 )]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace (the ANVIL_LOG environment variable,
-    /// in tracing's filter syntax, overrides it).
+    /// Log level: off, error, warn, info, debug or trace (the ANVIL_LOG environment variable
+    /// overrides it).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     log_level: String,
 
@@ -112,12 +112,16 @@ fn error_line(error: &dyn std::error::Error) -> String {
     line
 }
 
-fn init_logging(level: &str) {
-    let filter = std::env::var("ANVIL_LOG").unwrap_or_else(|_| level.to_string());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Parses a log level name.
+fn parse_level(text: &str) -> Result<tracing::level_filters::LevelFilter, String> {
+    text.trim().parse().map_err(|_| {
+        format!("invalid log level {text:?}: expected off, error, warn, info, debug or trace")
+    })
+}
+
+fn init_logging(level: tracing::level_filters::LevelFilter) {
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(terminal::stderr_is_tty())
         .with_target(false)
@@ -198,7 +202,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(&cli.log_level);
+    let level_text = std::env::var("ANVIL_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    match parse_level(&level_text) {
+        Ok(level) => init_logging(level),
+        Err(why) => {
+            eprintln!("anvil-vmm: {why} (see --help)");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let result = match cli.command {
         Command::Boot(args) => match vm_config(args) {
             Ok(config) => boot(config, start),

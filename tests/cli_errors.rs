@@ -280,3 +280,9 @@ fn bad_command_lines_are_refused() {
         assert_error(&run, EXIT_USAGE, needle);
     }
 }
+
+#[test]
+fn a_bad_log_level_is_a_usage_error() {
+    let run = boot(&["--kernel", &guest(), "--log-level", "loud"], T);
+    assert_error(&run, EXIT_USAGE, "invalid log level \"loud\"");
+}

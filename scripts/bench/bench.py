@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""End-to-end benchmarks of anvil-vmm, beside peers measured in the same run.
+
+    scripts/bench/bench.py startup [--runs 20]
+        process spawn to vCPU 0's first KVM_RUN (anvil's log line carries CLOCK_MONOTONIC).
+    scripts/bench/bench.py boot [--runs 20] [--qemu qemu-system-x86_64] [--firecracker PATH]
+        spawn to the test guest's boot-complete signal (`tg.run=hello`, 1 vCPU, 128 MiB): the first
+        `TG boot=ok` line on the console, which the guest prints right after writing 123 to port
+        0x3f0; the same guest under QEMU's microvm machine (PVH entry) and Firecracker when given.
+    scripts/bench/bench.py memory [--runs 5] [--qemu ...] [--firecracker PATH]
+        resident memory of the VMM process minus the resident part of guest memory, sampled after
+        the test guest has booted and is running its `counter` workload.
+    scripts/bench/bench.py linux [--runs 10] [--firecracker PATH]
+        spawn to the Linux guest's `anvil-guest: init ready` line, 1 and 2 vCPUs, anvil beside
+        Firecracker. Run it where KVM runs Linux; on a PVM host wrap it in the L1 machine:
+        resources/l1/run-in-l1.sh -- python3 scripts/bench/bench.py linux ...
+
+Peers are built or installed by hand outside the repository. Figures go to docs/benchmarks.md.
+"""
+
+import argparse
+import json
+import os
+import re
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+ANVIL = os.path.join(REPO, "target", "release", "anvil-vmm")
+TESTGUEST = os.path.join(REPO, "target", "release", "anvil-testguest")
+GUEST_DIR = os.environ.get("ANVIL_GUEST_DIR", os.path.join(REPO, "..", "shared", "guest"))
+TIMEOUT_S = 120
+
+
+def now_us():
+    return time.monotonic_ns() // 1000
+
+
+def spawn(cmd, **kw):
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def wait_for_line(proc, pattern, timeout_s=TIMEOUT_S, stream="stdout"):
+    """Reads `stream` until a line matches `pattern`; returns (monotonic us, line)."""
+    fd = getattr(proc, stream).fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout_s
+    regex = re.compile(pattern)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode(errors="replace")
+            if regex.search(text):
+                return now_us(), text
+    raise RuntimeError(f"no line matching {pattern!r} from {proc.args[0]}")
+
+
+def finish(proc, timeout_s=TIMEOUT_S):
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def median_ms(values_us):
+    return statistics.median(values_us) / 1000.0
+
+
+def report(title, rows, baseline=None):
+    """rows: list of (name, [us...]); prints medians and ratios against `baseline`."""
+    print(f"\n{title}")
+    base = None
+    if baseline:
+        base = next((median_ms(v) for n, v in rows if n == baseline and v), None)
+    for name, values in rows:
+        if not values:
+            print(f"  {name:<28} (not measured)")
+            continue
+        med = median_ms(values)
+        extra = ""
+        if base and name != baseline:
+            extra = f"  ratio anvil/{name} = {base / med:.2f}"
+        print(f"  {name:<28} median {med:8.2f} ms  min {min(values) / 1000:8.2f}  "
+              f"max {max(values) / 1000:8.2f}  n={len(values)}{extra}")
+
+
+def anvil_cmd(kernel, cmdline, cpus=1, mem="128M", initrd=None):
+    cmd = [ANVIL, "boot", "--kernel", kernel, "--cmdline", cmdline, "--cpus", str(cpus),
+           "--memory", mem]
+    if initrd:
+        cmd += ["--initrd", initrd]
+    return cmd
+
+
+def qemu_cmd(qemu, kernel, cmdline, cpus=1, mem_mib=128, initrd=None, kvm=True):
+    cmd = [qemu, "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on", "-m", str(mem_mib),
+           "-smp", str(cpus), "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+           "-no-reboot", "-kernel", kernel, "-append", cmdline]
+    cmd += ["-accel", "kvm", "-cpu", "host,-arch-capabilities"] if kvm else ["-accel", "tcg"]
+    if initrd:
+        cmd += ["-initrd", initrd]
+    return cmd
+
+
+def firecracker_cmd(fc, workdir, kernel, cmdline, cpus=1, mem_mib=128, initrd=None):
+    config = {
+        "boot-source": {"kernel_image_path": kernel, "boot_args": cmdline},
+        "drives": [],
+        "machine-config": {"vcpu_count": cpus, "mem_size_mib": mem_mib},
+    }
+    if initrd:
+        config["boot-source"]["initrd_path"] = initrd
+    path = os.path.join(workdir, f"fc-{cpus}-{mem_mib}.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return [fc, "--no-api", "--config-file", path, "--no-seccomp", "--level", "Info",
+            "--boot-timer"]
+
+
+def time_to_line(cmd, pattern):
+    t0 = now_us()
+    proc = spawn(cmd)
+    t, _ = wait_for_line(proc, pattern)
+    finish(proc)
+    return t - t0
+
+
+def bench_startup(args):
+    values = []
+    for _ in range(args.runs):
+        t0 = now_us()
+        proc = spawn(anvil_cmd(TESTGUEST, "tg.run=hello"))
+        _, line = wait_for_line(proc, r"entering KVM_RUN", stream="stderr")
+        values.append(int(re.search(r"monotonic_us=(\d+)", line).group(1)) - t0)
+        finish(proc)
+    report("VMM start-up: spawn to vCPU 0's first KVM_RUN (test guest, 1 vCPU, 128 MiB)",
+           [("anvil-vmm", values)])
+
+
+def bench_boot(args):
+    rows = {"anvil-vmm": [], "anvil-vmm (own boot timer)": [], "qemu microvm": [],
+            "firecracker": []}
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(args.runs):
+            # Interleaved, so drift on the machine affects every VMM alike.
+            t0 = now_us()
+            proc = spawn(anvil_cmd(TESTGUEST, "tg.run=hello"))
+            t, _ = wait_for_line(proc, r"^TG boot=ok")
+            _, err = finish(proc)
+            rows["anvil-vmm"].append(t - t0)
+            m = re.search(r"Guest-boot-time = (\d+) us", err)
+            if m:
+                rows["anvil-vmm (own boot timer)"].append(int(m.group(1)))
+            if args.qemu:
+                rows["qemu microvm"].append(time_to_line(
+                    qemu_cmd(args.qemu, TESTGUEST, "tg.run=hello"), r"^TG boot=ok"))
+            if args.firecracker:
+                rows["firecracker"].append(time_to_line(
+                    firecracker_cmd(args.firecracker, work, TESTGUEST, "tg.run=hello"),
+                    r"^TG boot=ok"))
+    report("Boot to guest: spawn to the test guest's boot-complete signal (hello, 1 vCPU, "
+           "128 MiB)", list(rows.items()), baseline="anvil-vmm")
+
+
+def guest_rss_kib(pid, guest_kib):
+    """Total RSS and the RSS of mappings the size of guest memory (or the guest's regions)."""
+    total = 0
+    guest = 0
+    size = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                lo, hi = line.split()[0].split("-")
+                size = (int(hi, 16) - int(lo, 16)) // 1024
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1])
+                total += rss
+                if size == guest_kib:
+                    guest += rss
+    return total, guest
+
+
+def bench_memory(args):
+    mem_mib = 128
+    rows = {"anvil-vmm": [], "qemu microvm": [], "firecracker": []}
+    with tempfile.TemporaryDirectory() as work:
+        cmds = {"anvil-vmm": anvil_cmd(TESTGUEST, "tg.run=counter tg.period_ms=50")}
+        if args.qemu:
+            cmds["qemu microvm"] = qemu_cmd(args.qemu, TESTGUEST, "tg.run=counter tg.period_ms=50")
+        if args.firecracker:
+            cmds["firecracker"] = firecracker_cmd(args.firecracker, work, TESTGUEST,
+                                                  "tg.run=counter tg.period_ms=50")
+        for _ in range(args.runs):
+            for name, cmd in cmds.items():
+                proc = spawn(cmd)
+                wait_for_line(proc, r"^TG count=3")
+                total, guest = guest_rss_kib(proc.pid, mem_mib * 1024)
+                proc.kill()
+                finish(proc)
+                rows[name].append((total - guest) * 1000)  # report() takes us: KiB*1000 -> "ms" = KiB
+    print("\nVMM memory overhead: process RSS minus the resident part of guest memory "
+          "(test guest counter, 1 vCPU, 128 MiB); figures in KiB")
+    for name, values in rows.items():
+        if values:
+            vals = [v / 1000 for v in values]
+            print(f"  {name:<28} median {statistics.median(vals):8.0f} KiB  "
+                  f"({statistics.median(vals) / 1024:.2f} MiB)  n={len(vals)}")
+
+
+def bench_linux(args):
+    vmlinux = os.path.join(GUEST_DIR, "vmlinux")
+    initrd = os.path.join(GUEST_DIR, "initramfs.cpio.gz")
+    cmdline = 'console=ttyS0 reboot=k panic=-1 quiet anvil_cmd="true"'
+    with tempfile.TemporaryDirectory() as work:
+        for cpus in (1, 2):
+            rows = {"anvil-vmm": [], "firecracker": []}
+            for _ in range(args.runs):
+                rows["anvil-vmm"].append(time_to_line(
+                    anvil_cmd(vmlinux, cmdline, cpus=cpus, mem="256M", initrd=initrd),
+                    r"anvil-guest: init ready"))
+                if args.firecracker:
+                    rows["firecracker"].append(time_to_line(
+                        firecracker_cmd(args.firecracker, work, vmlinux, cmdline, cpus=cpus,
+                                        mem_mib=256, initrd=initrd),
+                        r"anvil-guest: init ready"))
+            report(f"Linux boot: spawn to `anvil-guest: init ready` ({cpus} vCPU, 256 MiB, "
+                   f"vmlinux + initramfs)", list(rows.items()), baseline="anvil-vmm")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["startup", "boot", "memory", "linux"])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--qemu", help="qemu-system-x86_64 binary for the peer run")
+    parser.add_argument("--firecracker", help="firecracker binary for the peer run")
+    args = parser.parse_args()
+    for path in (ANVIL, TESTGUEST):
+        if not os.path.exists(path):
+            sys.exit(f"{path} is missing: run cargo build --release first")
+    print(f"# {args.what}: commit {subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
+          f"{os.uname().nodename}, {os.cpu_count()} CPUs, kvm_pvm={'yes' if os.path.isdir('/sys/module/kvm_pvm') else 'no'}")
+    {"startup": bench_startup, "boot": bench_boot, "memory": bench_memory,
+     "linux": bench_linux}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
