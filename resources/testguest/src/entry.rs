@@ -9,6 +9,13 @@
 //! so there is no software-interrupt "syscall": ring 3 does port I/O itself, allowed by the TSS
 //! I/O permission bitmap (architectural, so also valid on VMX, SVM and TCG).
 //!
+//! Device interrupts: vectors 32..47 have stubs that count the delivery (`incq`), write the
+//! LAPIC EOI register and IRETQ (6 instructions; vector 47, the spurious vector, skips the EOI).
+//! Ring 3 cannot `sti`, so it sets RFLAGS.IF through a #UD gate: `ud2` at `tg_if_gate` makes the
+//! #UD stub set IF in the IRETQ frame from RDI and resume after it. Measured on this host: unlike
+//! IOPL, the IF from the guest's IRETQ frame is honoured in ring 3 (IF=1: interrupts arrive;
+//! IF=0: they wait in the LAPIC IRR), although `pushfq` in ring 3 always reads IF=1 there.
+//!
 //! Flow: `_start` (64-bit Linux boot protocol, RSI = zero page) or `tg_pvh_entry` (32-bit PVH,
 //! EBX = `hvm_start_info`, enables long mode itself) -> `tg_long_common` (GDT, TSS, IDT, page
 //! tables, CR0/CR4 for SSE) -> IRETQ to `tg_user_entry` at CPL3, which zeroes .bss and calls
@@ -46,6 +53,7 @@ extern "C" {
     static tg_fault_err: u64;
     static tg_fault_cr2: u64;
     static tg_idt: u8;
+    static tg_irq_counts: [u64; IRQ_VECTORS];
     static __image_start: u8;
     static __image_end: u8;
     static tg_pd_pool: u8;
@@ -54,6 +62,21 @@ extern "C" {
 
 /// Number of 4 KiB page directories reserved in .bss for mapping RAM above 4 GiB.
 pub const PD_POOL_LEN: usize = 60;
+
+/// First vector of the device interrupt stubs (below are the 32 exception vectors).
+pub const IRQ_VECTOR_BASE: u8 = 32;
+/// Number of device interrupt vectors with a counting stub: `IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + 16`.
+pub const IRQ_VECTORS: usize = 16;
+/// The vector the LAPIC's spurious-interrupt register names: its stub counts but sends no EOI
+/// (Intel SDM Vol. 3A, 11.9). The low four bits are all ones, as P6-era APICs require.
+pub const SPURIOUS_VECTOR: u8 = IRQ_VECTOR_BASE + 15;
+/// Number of IDT gates (exceptions and device interrupts); other vectors raise #GP.
+pub const IDT_VECTORS: usize = 32 + IRQ_VECTORS;
+
+extern "C" {
+    /// Ring 3: sets RFLAGS.IF to `enable & 1` through the #UD gate (see the asm below).
+    fn tg_set_if(enable: u64);
+}
 
 fn read_u64_static(p: *const u64) -> u64 {
     // SAFETY: `p` points at an 8-byte aligned `.quad` defined in the global_asm below; it is
@@ -94,6 +117,38 @@ pub fn image_range() -> (u64, u64) {
     (start, end)
 }
 
+/// Deliveries counted by the stub of `vector` so far (0 for vectors without a counting stub).
+pub fn irq_count(vector: u8) -> u64 {
+    let Some(i) = vector.checked_sub(IRQ_VECTOR_BASE).map(usize::from) else {
+        return 0;
+    };
+    if i >= IRQ_VECTORS {
+        return 0;
+    }
+    let base = core::ptr::addr_of!(tg_irq_counts).cast::<u64>();
+    // SAFETY: `i < IRQ_VECTORS`, so the pointer stays inside the 8-byte aligned array defined in
+    // the global_asm below; the CPL0 stubs update it with one `incq` while ring 3 is interrupted,
+    // so a volatile read sees a complete value.
+    read_u64_static(unsafe { base.add(i) })
+}
+
+/// Enables or disables interrupt delivery to ring 3 (RFLAGS.IF). Ring 3 cannot execute `sti`
+/// (IOPL is 0), so this raises #UD at a known address; the #UD stub sees that address, sets IF
+/// in the IRETQ frame as asked and resumes after the `ud2`.
+pub fn set_interrupts(enable: bool) {
+    // SAFETY: `tg_set_if` is the two-instruction ring-3 routine below (`ud2; ret`), following
+    // the C ABI; the CPL0 gate only changes RFLAGS.IF and RIP in the return frame.
+    unsafe { tg_set_if(u64::from(enable)) }
+}
+
+/// RFLAGS as ring 3 reads it with `pushfq` (on some hosts IF here is the host's view).
+pub fn read_rflags() -> u64 {
+    let flags: u64;
+    // SAFETY: pushfq/pop touch only the stack slot they use; no other memory or flags change.
+    unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(preserves_flags)) };
+    flags
+}
+
 /// Physical address of the IDT (ring 3 zeroes it to force a triple fault).
 pub fn idt_addr() -> u64 {
     core::ptr::addr_of!(tg_idt) as u64
@@ -129,7 +184,11 @@ global_asm!(
     .set CR4_PAE, 0x20
     .set CR4_OSFXSR, 0x200
     .set CR4_OSXMMEXCPT, 0x400
-    .set NUM_VECTORS, 32
+    .set NUM_VECTORS, {idt_vectors}
+    .set IRQ_BASE, {irq_base}
+    .set SPURIOUS, {spurious}
+    .set RFLAGS_IF, 0x200
+    .set LAPIC_EOI, 0xfee000b0             /* LAPIC EOI register (SDM Vol. 3A, 11.8.5) */
 
     /* PVH ELF note: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), desc = 32-bit entry. */
     .section .note.Xen, "a", @note
@@ -236,13 +295,56 @@ tg_long_common:
 tg_vectors:
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .balign 16
+    .if \v == 6
+    jmp tg_ud_gate                         /* #UD: maybe the IF gate, see below */
+    .else
     movq $\v, tg_fault_vector(%rip)
     .if (\v == 8) || (\v >= 10 && \v <= 14) || (\v == 17) || (\v == 21) || (\v == 29) || (\v == 30)
     jmp tg_fault_err_code
     .else
     jmp tg_fault_no_err
     .endif
+    .endif
     .endr
+
+    /* Device interrupt stubs, vectors IRQ_BASE.., continuing the 16-byte stride: count the
+       delivery, then EOI (except the spurious vector, which must not EOI) and IRETQ. */
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15
+    .balign 16
+    incq tg_irq_counts + 8 * \n(%rip)
+    .if (IRQ_BASE + \n) == SPURIOUS
+    jmp tg_irq_iret
+    .else
+    jmp tg_irq_eoi
+    .endif
+    .endr
+
+    /* Common tail of the device interrupt stubs (4 instructions + IRETQ). RAX is saved in
+       memory (no push at CPL0); interrupt gates keep IF clear, so nothing nests here. */
+tg_irq_eoi:
+    movq %rax, tg_irq_rax(%rip)
+    movl $LAPIC_EOI, %eax                  /* zero-extended: the identity-mapped LAPIC */
+    movl $0, (%rax)                        /* end of interrupt */
+    movq tg_irq_rax(%rip), %rax
+tg_irq_iret:
+    iretq
+
+    /* #UD. At tg_if_gate (ring 3's `tg_set_if`) it is a request to set RFLAGS.IF = RDI & 1:
+       rewrite IF in the frame, skip the 2-byte ud2 and return. Anywhere else it is a fault. */
+tg_ud_gate:
+    movq %rax, tg_ud_rax(%rip)
+    leaq tg_if_gate(%rip), %rax
+    cmpq %rax, 0(%rsp)                     /* faulting RIP */
+    movq tg_ud_rax(%rip), %rax             /* (mov keeps the flags) */
+    jne 3f
+    addq $2, 0(%rsp)                       /* resume after the ud2 */
+    andq $~RFLAGS_IF, 16(%rsp)
+    testq $1, %rdi
+    jz 4f
+    orq $RFLAGS_IF, 16(%rsp)
+4:  iretq
+3:  movq $6, tg_fault_vector(%rip)
+    jmp tg_fault_no_err
 
 tg_fault_err_code:
     movq 0(%rsp), %rax                     /* error code pushed by the CPU */
@@ -281,6 +383,13 @@ tg_fault_entry:
     call tg_fault_report
     ud2
 
+    /* extern "C" fn tg_set_if(enable: u64), ring 3: the ud2 traps into tg_ud_gate. */
+    .globl tg_set_if
+tg_set_if:
+tg_if_gate:
+    ud2
+    ret
+
     .section .data.tg_boot, "aw"
     .balign 8
     .globl tg_boot_protocol, tg_boot_info_ptr
@@ -291,6 +400,11 @@ tg_fault_vector: .quad 0
 tg_fault_rip: .quad 0
 tg_fault_err: .quad 0
 tg_fault_cr2: .quad 0
+tg_irq_rax: .quad 0                       /* RAX while an interrupt stub runs */
+tg_ud_rax: .quad 0                        /* RAX while the #UD gate runs */
+    .globl tg_irq_counts
+tg_irq_counts:
+    .fill {irq_vectors}, 8, 0              /* deliveries per device vector */
 
     .balign 16
 tg_gdt:
@@ -309,13 +423,13 @@ tg_gdt_ptr:
 
     .balign 8
 tg_idt_ptr:
-    .word 32 * 16 - 1
+    .word NUM_VECTORS * 16 - 1
     .quad tg_idt
 
     .balign 4096
     .globl tg_idt
 tg_idt:
-    .fill 32 * 16, 1, 0
+    .fill NUM_VECTORS * 16, 1, 0
 
     /* 64-bit TSS: RSP0 for ring 3 -> ring 0 transitions and an I/O permission bitmap that
        allows every port to ring 3 (the bitmap is the only architectural way to give CPL3 port
@@ -375,5 +489,9 @@ tg_fstack_top:                             /* ring-3 stack of the fault reporter
 tg_ustack_top:                             /* ring-3 stack of the workload */
     "#,
     pool = const PD_POOL_LEN,
+    idt_vectors = const IDT_VECTORS,
+    irq_base = const IRQ_VECTOR_BASE,
+    spurious = const SPURIOUS_VECTOR,
+    irq_vectors = const IRQ_VECTORS,
     options(att_syntax)
 );

@@ -35,7 +35,7 @@ pub fn reset() -> ! {
 /// present gate for #UD, then none for #GP and #DF, and shuts down (a triple fault).
 pub fn triple_fault() -> ! {
     let idt = entry::idt_addr();
-    for i in 0..(32 * 16 / 8) {
+    for i in 0..(entry::IDT_VECTORS as u64 * 16 / 8) {
         phys::write_u64(idt + i * 8, 0);
     }
     loop {

@@ -9,6 +9,7 @@
 // The guest is x86_64-only; byte and field extraction truncates on purpose throughout.
 #![allow(clippy::cast_possible_truncation)]
 
+mod apic;
 mod bootinfo;
 mod cmdline;
 mod console;
@@ -35,6 +36,7 @@ extern "C" fn tg_main() -> ! {
         Some("hello") => workloads::hello::run(&info, &params),
         Some("counter") => workloads::counter::run(&params),
         Some("memtest") => workloads::memtest::run(&info, &params),
+        Some("irq") => workloads::irq::run(&info, &params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),
         None => exit::fail(format_args!("unknown workload ")),
     }

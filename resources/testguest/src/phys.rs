@@ -70,3 +70,11 @@ pub fn read_cstr(addr: u64, max: usize, buf: &mut [u8]) -> usize {
     }
     n
 }
+
+/// Writes an aligned 32-bit MMIO register.
+pub fn mmio_write_u32(addr: u64, value: u32) {
+    debug_assert!(addr & 3 == 0);
+    // SAFETY: `addr` is 4-byte aligned and lies in the identity-mapped MMIO hole (the caller
+    // checks); the write exits to the VMM or KVM and does not touch our memory.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}

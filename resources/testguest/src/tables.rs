@@ -200,3 +200,124 @@ fn count_madt_lapics(madt: u64, len: u64) -> Result<u32, &'static str> {
     }
     Ok(n)
 }
+
+/// Where an ISA IRQ arrives, according to the firmware tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqRoute {
+    /// The IOAPIC's APIC ID.
+    pub ioapic_id: u8,
+    /// The IOAPIC's MMIO base.
+    pub ioapic_addr: u64,
+    /// The IOAPIC input pin.
+    pub pin: u32,
+}
+
+// MADT entries (ACPI 6.5 5.2.12): IO APIC (type 1) and interrupt source override (type 2).
+const MADT_IOAPIC: u8 = 1;
+const MADT_ISO: u8 = 2;
+// MP table entries (MP spec 4.3): IO APIC (type 2) and I/O interrupt assignment (type 3).
+const MP_ENTRY_IOAPIC: u8 = 2;
+const MP_ENTRY_INTSRC: u8 = 3;
+const MP_INT_VECTORED: u8 = 0;
+
+/// The MADT and its length, through the RSDP and XSDT (checked by [`check_acpi`]).
+fn find_madt(hint: Option<u64>) -> Option<(u64, u64)> {
+    let rsdp = hint.or_else(find_rsdp)?;
+    if rsdp >= phys::STATIC_MAP_END - 36 || !sig_at(rsdp, b"RSD PTR ") {
+        return None;
+    }
+    let xsdt = phys::read_u64(rsdp + RSDP_XSDT);
+    let xsdt_len = table_len(xsdt).ok()?;
+    (0..(xsdt_len - SDT_HEADER_LEN) / 8).find_map(|i| {
+        let table = phys::read_u64(xsdt + SDT_HEADER_LEN + i * 8);
+        let len = table_len(table).ok()?;
+        sig_at(table, b"APIC").then_some((table, len))
+    })
+}
+
+/// The route of ISA `irq` from the MADT: its GSI (after any source override) and the IOAPIC
+/// whose GSI range holds it.
+pub fn madt_route(hint: Option<u64>, irq: u8) -> Result<IrqRoute, &'static str> {
+    let (madt, len) = find_madt(hint).ok_or("no MADT")?;
+    let end = madt + len;
+    let mut gsi = u32::from(irq);
+    let mut at = madt + MADT_ENTRIES;
+    while at + 2 <= end {
+        let (kind, elen) = (phys::read_u8(at), u64::from(phys::read_u8(at + 1)));
+        if elen < 2 || at + elen > end {
+            return Err("MADT entry length");
+        }
+        if kind == MADT_ISO && elen >= 10 && phys::read_u8(at + 3) == irq {
+            gsi = phys::read_u32(at + 4);
+        }
+        at += elen;
+    }
+    // The IOAPIC with the highest GSI base not above `gsi`.
+    let mut best: Option<(u32, IrqRoute)> = None;
+    at = madt + MADT_ENTRIES;
+    while at + 2 <= end {
+        let (kind, elen) = (phys::read_u8(at), u64::from(phys::read_u8(at + 1)));
+        if kind == MADT_IOAPIC && elen >= 12 {
+            let base = phys::read_u32(at + 8);
+            if base <= gsi && !matches!(best, Some((b, _)) if b >= base) {
+                let route = IrqRoute {
+                    ioapic_id: phys::read_u8(at + 2),
+                    ioapic_addr: u64::from(phys::read_u32(at + 4)),
+                    pin: gsi - base,
+                };
+                best = Some((base, route));
+            }
+        }
+        at += elen;
+    }
+    best.map(|(_, r)| r).ok_or("MADT has no IOAPIC for the IRQ")
+}
+
+/// The route of ISA `irq` from the MP table's I/O interrupt assignment entries.
+pub fn mp_route(irq: u8) -> Result<IrqRoute, &'static str> {
+    let mpf = find_mp_floating().ok_or("no MP floating pointer")?;
+    let mpc = u64::from(phys::read_u32(mpf + MPF_PHYSPTR));
+    if mpc == 0 || !sig_at(mpc, b"PCMP") {
+        return Err("MP config table signature");
+    }
+    let end = mpc + u64::from(phys::read_u16(mpc + MPC_BASE_LEN));
+    let count = phys::read_u16(mpc + MPC_ENTRY_COUNT);
+    let mut at = mpc + MPC_HEADER_LEN;
+    let mut ioapics = [(0u8, 0u64); 8];
+    let mut n_ioapics = 0;
+    let mut assignment = None;
+    for _ in 0..count {
+        if at >= end {
+            return Err("MP config entries overrun the table");
+        }
+        match phys::read_u8(at) {
+            MP_ENTRY_PROCESSOR => at += MP_PROCESSOR_LEN,
+            MP_ENTRY_IOAPIC => {
+                if let Some(slot) = ioapics.get_mut(n_ioapics) {
+                    *slot = (phys::read_u8(at + 1), u64::from(phys::read_u32(at + 4)));
+                    n_ioapics += 1;
+                }
+                at += MP_OTHER_LEN;
+            }
+            MP_ENTRY_INTSRC => {
+                let vectored = phys::read_u8(at + 1) == MP_INT_VECTORED;
+                if vectored && phys::read_u8(at + 5) == irq && assignment.is_none() {
+                    assignment = Some((phys::read_u8(at + 6), u32::from(phys::read_u8(at + 7))));
+                }
+                at += MP_OTHER_LEN;
+            }
+            1 | 4 => at += MP_OTHER_LEN,
+            _ => return Err("MP config entry of unknown type"),
+        }
+    }
+    let (id, pin) = assignment.ok_or("MP table does not assign the IRQ")?;
+    let (_, addr) = ioapics[..n_ioapics]
+        .iter()
+        .find(|(i, _)| *i == id)
+        .ok_or("MP table assigns the IRQ to an unknown IOAPIC")?;
+    Ok(IrqRoute {
+        ioapic_id: id,
+        ioapic_addr: *addr,
+        pin,
+    })
+}
