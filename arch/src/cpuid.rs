@@ -270,6 +270,24 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, cpu_count: u8) -> Result<(),
     Ok(())
 }
 
+/// CPUID.01H:ECX[24]: the LAPIC timer supports TSC-deadline mode (Intel SDM Vol. 2A, CPUID).
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Advertises the LAPIC's TSC-deadline timer mode in leaf 0x1. KVM emulates it when it reports
+/// `KVM_CAP_TSC_DEADLINE_TIMER`, but `KVM_GET_SUPPORTED_CPUID` leaves the bit to the VMM;
+/// without it Linux calibrates the LAPIC timer against the PIT for a tenth of a second.
+pub fn set_tsc_deadline(cpuid: &mut CpuId, supported: bool) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            if supported {
+                e.ecx |= ECX_TSC_DEADLINE;
+            } else {
+                e.ecx &= !ECX_TSC_DEADLINE;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,5 +533,14 @@ mod tests {
             assert_eq!(leaf1.ebx >> 24, u32::from(vcpu_id));
             assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         }
+    }
+
+    #[test]
+    fn tsc_deadline_follows_kvm() {
+        let mut cpuid = CpuId::from_entries(&[leaf(0x1, 0, [0, 0, 0, 0])]).unwrap();
+        set_tsc_deadline(&mut cpuid, true);
+        assert_eq!(cpuid.as_slice()[0].ecx, ECX_TSC_DEADLINE);
+        set_tsc_deadline(&mut cpuid, false);
+        assert_eq!(cpuid.as_slice()[0].ecx, 0);
     }
 }

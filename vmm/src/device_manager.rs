@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use arch::layout::{BOOT_TIMER_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_PORT};
+use arch::layout::{BOOT_TIMER_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_KBD_IRQ, I8042_PORT};
 use devices::legacy::{BootTimer, Cmos, SerialDevice, I8042};
 use devices::{Bus, BusError};
 use kvm_ioctls::VmFd;
@@ -88,10 +88,13 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Bus("COM1", e))?;
 
         let reset_evt = eventfd("i8042 reset")?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(clone_evt(
-            &reset_evt,
-            "i8042 reset",
-        )?)));
+        let kbd_irq = eventfd("i8042")?;
+        vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
+            .map_err(|e| DeviceError::Irqfd("i8042", e))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            clone_evt(&reset_evt, "i8042 reset")?,
+            kbd_irq,
+        )));
         pio_bus
             .insert(i8042, u64::from(I8042_PORT), 5)
             .map_err(|e| DeviceError::Bus("i8042", e))?;

@@ -267,6 +267,7 @@ impl Vmm {
             })?,
             None => Vec::new(),
         };
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
         let (events_tx, vcpu_events) = channel();
         let vcpu_events_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
@@ -279,6 +280,7 @@ impl Vmm {
             let mut cpuid = supported_cpuid.clone();
             arch::cpuid::filter_cpuid(&mut cpuid, id, config.vcpu_count)
                 .map_err(vcpu_error(id, "filter CPUID"))?;
+            arch::cpuid::set_tsc_deadline(&mut cpuid, tsc_deadline);
             if let Some(t) = template {
                 t.apply_cpuid(&mut cpuid)
                     .map_err(vcpu_error(id, "apply the CPU template"))?;

@@ -1,24 +1,170 @@
-//! The i8042 keyboard controller, modelled only as far as a guest's reset needs: writing
-//! 0xfe (pulse reset line) to the command port signals the VMM's reset event. Status reads
-//! report an empty controller, so Linux's `reboot=k` path never waits.
+//! The i8042 PS/2 controller with its keyboard, modelled as far as a guest kernel probes it:
+//! the controller configuration byte (CTR), self-tests, the output port and the keyboard's
+//! replies to commands, so Linux's driver finds a working controller at once instead of
+//! waiting for timeouts. Writing 0xfe (pulse the reset line) to the command port signals the
+//! VMM's reset event. There is no mouse (AUX) port.
 
-use vm_superio::I8042Device;
+use std::collections::VecDeque;
+
 use vmm_sys_util::eventfd::EventFd;
 
-use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
-/// The i8042 at ports 0x60..=0x64 (offset 0 is the data port, offset 4 the command port).
+/// Offsets from the base port 0x60.
+const DATA: u64 = 0;
+const COMMAND: u64 = 4;
+
+// Status register bits (IBM PC/AT technical reference, 8042).
+const SB_OUT_FULL: u8 = 0x01;
+const SB_SYSTEM: u8 = 0x04;
+const SB_LAST_WAS_COMMAND: u8 = 0x08;
+const SB_KBD_NOT_INHIBITED: u8 = 0x10;
+
+// Controller configuration byte bits.
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM: u8 = 0x04;
+const CTR_KBD_DISABLE: u8 = 0x10;
+const CTR_AUX_DISABLE: u8 = 0x20;
+const CTR_TRANSLATE: u8 = 0x40;
+
+// Controller commands.
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTP: u8 = 0xd0;
+const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_WRITE_AUX: u8 = 0xd4;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+const SELF_TEST_OK: u8 = 0x55;
+const PORT_TEST_OK: u8 = 0x00;
+/// The AUX port test answers "clock line stuck low": there is no mouse.
+const AUX_TEST_FAIL: u8 = 0x01;
+
+// Keyboard commands and replies.
+const KBD_ACK: u8 = 0xfa;
+const KBD_RESET: u8 = 0xff;
+const KBD_BAT_OK: u8 = 0xaa;
+const KBD_GET_ID: u8 = 0xf2;
+const KBD_ID: [u8; 2] = [0xab, 0x83];
+const KBD_ECHO: u8 = 0xee;
+
+/// Bytes the output buffer holds at most; more are dropped (a guest that never reads).
+const OUTPUT_CAPACITY: usize = 16;
+
+/// The i8042 at ports 0x60..=0x64.
 #[derive(Debug)]
 pub struct I8042 {
-    inner: I8042Device<EventFdTrigger>,
+    status: u8,
+    control: u8,
+    output_port: u8,
+    /// A command waiting for its data byte on the data port.
+    pending: Option<u8>,
+    output: VecDeque<u8>,
+    reset_evt: EventFd,
+    kbd_irq: EventFd,
 }
 
 impl I8042 {
-    /// A controller that signals `reset_evt` when the guest asks for a CPU reset.
-    pub fn new(reset_evt: EventFd) -> Self {
+    /// A controller that signals `reset_evt` when the guest asks for a CPU reset and raises
+    /// `kbd_irq` (an irqfd for IRQ 1) when keyboard data is ready.
+    pub fn new(reset_evt: EventFd, kbd_irq: EventFd) -> Self {
         Self {
-            inner: I8042Device::new(EventFdTrigger::new(reset_evt)),
+            status: SB_SYSTEM | SB_KBD_NOT_INHIBITED,
+            control: CTR_KBD_INT | CTR_SYSTEM | CTR_TRANSLATE | CTR_AUX_DISABLE,
+            output_port: 0x01,
+            pending: None,
+            output: VecDeque::with_capacity(OUTPUT_CAPACITY),
+            reset_evt,
+            kbd_irq,
+        }
+    }
+
+    fn push(&mut self, byte: u8) {
+        if self.output.len() < OUTPUT_CAPACITY {
+            self.output.push_back(byte);
+        }
+        self.status |= SB_OUT_FULL;
+    }
+
+    /// Queues bytes from the keyboard and raises IRQ 1 if the guest enabled it.
+    fn push_from_keyboard(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.push(b);
+        }
+        self.raise_kbd_irq();
+    }
+
+    fn raise_kbd_irq(&self) {
+        if self.control & CTR_KBD_INT != 0 && self.status & SB_OUT_FULL != 0 {
+            if let Err(e) = self.kbd_irq.write(1) {
+                tracing::debug!("i8042: cannot raise IRQ 1: {e}");
+            }
+        }
+    }
+
+    fn read_data(&mut self) -> u8 {
+        let byte = self.output.pop_front().unwrap_or(0);
+        if self.output.is_empty() {
+            self.status &= !SB_OUT_FULL;
+        } else {
+            self.raise_kbd_irq();
+        }
+        byte
+    }
+
+    fn write_command(&mut self, cmd: u8) {
+        self.status |= SB_LAST_WAS_COMMAND;
+        self.pending = None;
+        match cmd {
+            CMD_READ_CTR => self.push(self.control),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_AUX => self.pending = Some(cmd),
+            CMD_AUX_DISABLE => self.control |= CTR_AUX_DISABLE,
+            CMD_AUX_ENABLE => self.control &= !CTR_AUX_DISABLE,
+            CMD_AUX_TEST => self.push(AUX_TEST_FAIL),
+            CMD_SELF_TEST => self.push(SELF_TEST_OK),
+            CMD_KBD_TEST => self.push(PORT_TEST_OK),
+            CMD_KBD_DISABLE => self.control |= CTR_KBD_DISABLE,
+            CMD_KBD_ENABLE => self.control &= !CTR_KBD_DISABLE,
+            CMD_READ_OUTP => self.push(self.output_port),
+            CMD_RESET_CPU => {
+                if let Err(e) = self.reset_evt.write(1) {
+                    tracing::error!("i8042 cannot signal the reset event: {e}");
+                }
+            }
+            _ => tracing::debug!("i8042: ignoring controller command {cmd:#x}"),
+        }
+    }
+
+    fn write_data(&mut self, byte: u8) {
+        self.status &= !SB_LAST_WAS_COMMAND;
+        match self.pending.take() {
+            Some(CMD_WRITE_CTR) => {
+                self.control = byte;
+                // The system flag mirrors CTR bit 2.
+                self.status = (self.status & !SB_SYSTEM) | (byte & CTR_SYSTEM);
+            }
+            Some(CMD_WRITE_OUTP) => self.output_port = byte,
+            // Bytes for the absent mouse are dropped.
+            Some(_) => {}
+            None => self.keyboard_command(byte),
+        }
+    }
+
+    /// A byte written to the data port goes to the keyboard, which answers every byte (a
+    /// command or its argument) with an acknowledgement.
+    fn keyboard_command(&mut self, byte: u8) {
+        match byte {
+            KBD_RESET => self.push_from_keyboard(&[KBD_ACK, KBD_BAT_OK]),
+            KBD_GET_ID => self.push_from_keyboard(&[KBD_ACK, KBD_ID[0], KBD_ID[1]]),
+            KBD_ECHO => self.push_from_keyboard(&[KBD_ECHO]),
+            _ => self.push_from_keyboard(&[KBD_ACK]),
         }
     }
 }
@@ -26,17 +172,22 @@ impl I8042 {
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if let (Some(first), Ok(reg)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.inner.read(reg);
+        let value = match offset {
+            DATA => self.read_data(),
+            COMMAND => self.status,
+            _ => 0xff,
+        };
+        if let Some(first) = data.first_mut() {
+            *first = value;
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&value), Ok(reg)) = (data.first(), u8::try_from(offset)) else {
-            return;
-        };
-        if let Err(e) = self.inner.write(reg, value) {
-            tracing::error!("i8042 cannot signal the reset event: {e}");
+        let Some(&value) = data.first() else { return };
+        match offset {
+            DATA => self.write_data(value),
+            COMMAND => self.write_command(value),
+            _ => {}
         }
     }
 }
@@ -45,21 +196,101 @@ impl BusDevice for I8042 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reset_command_signals_the_reset_event() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = I8042::new(evt.try_clone().unwrap());
-        dev.write(4, &[0xaa]);
-        assert!(evt.read().is_err(), "self-test must not reset");
-        dev.write(4, &[0xfe]);
-        assert_eq!(evt.read().unwrap(), 1);
+    fn evt() -> EventFd {
+        EventFd::new(libc::EFD_NONBLOCK).unwrap()
+    }
+
+    fn read(dev: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    fn device() -> (I8042, EventFd, EventFd) {
+        let reset = evt();
+        let irq = evt();
+        let dev = I8042::new(reset.try_clone().unwrap(), irq.try_clone().unwrap());
+        (dev, reset, irq)
     }
 
     #[test]
-    fn status_reads_report_an_idle_controller() {
-        let mut dev = I8042::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let mut status = [0xffu8];
-        dev.read(4, &mut status);
-        assert_eq!(status[0] & 0x2, 0, "input buffer must read empty");
+    fn reset_command_signals_the_reset_event() {
+        let (mut dev, reset, _) = device();
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert!(reset.read().is_err(), "self-test must not reset");
+        dev.write(COMMAND, &[CMD_RESET_CPU]);
+        assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn controller_self_test_and_ctr_round_trip() {
+        let (mut dev, _, _) = device();
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert_ne!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+        assert_eq!(read(&mut dev, DATA), SELF_TEST_OK);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[0x47]);
+        dev.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, DATA), 0x47);
+    }
+
+    #[test]
+    fn there_is_no_mouse() {
+        let (mut dev, _, _) = device();
+        dev.write(COMMAND, &[CMD_AUX_TEST]);
+        assert_eq!(read(&mut dev, DATA), AUX_TEST_FAIL);
+        // Bytes for the mouse vanish without a reply.
+        dev.write(COMMAND, &[CMD_WRITE_AUX]);
+        dev.write(DATA, &[0xff]);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+    }
+
+    #[test]
+    fn keyboard_commands_are_acknowledged_with_an_interrupt() {
+        let (mut dev, _, irq) = device();
+        dev.write(DATA, &[KBD_RESET]);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(read(&mut dev, DATA), KBD_ACK);
+        assert_eq!(read(&mut dev, DATA), KBD_BAT_OK);
+        dev.write(DATA, &[KBD_GET_ID]);
+        assert_eq!(
+            [
+                read(&mut dev, DATA),
+                read(&mut dev, DATA),
+                read(&mut dev, DATA)
+            ],
+            [KBD_ACK, 0xab, 0x83]
+        );
+        // Controller replies raise no keyboard interrupt.
+        let _ = irq.read();
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert!(irq.read().is_err());
+    }
+
+    #[test]
+    fn interrupts_follow_the_ctr_enable_bit() {
+        let (mut dev, _, irq) = device();
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[0]);
+        dev.write(DATA, &[0xf4]);
+        assert!(irq.read().is_err());
+        assert_eq!(read(&mut dev, DATA), KBD_ACK);
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_buffer() {
+        let (mut dev, _, _) = device();
+        for _ in 0..1000 {
+            dev.write(DATA, &[KBD_RESET]);
+        }
+        assert_eq!(dev.output.len(), OUTPUT_CAPACITY);
+        // Reading an empty buffer yields 0 and clears "output full".
+        for _ in 0..OUTPUT_CAPACITY + 2 {
+            read(&mut dev, DATA);
+        }
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
     }
 }
