@@ -33,9 +33,9 @@ fi
 
 guest_dir=$("$repo/scripts/guest-artifacts.sh")
 if [ -t 0 ]; then
-  cmdline="console=ttyS0 reboot=k panic=-1 quiet"
+  cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
 else
-  cmdline='console=ttyS0 reboot=k panic=-1 quiet anvil_cmd="uname -a; echo vcpus: $(nproc); head -1 /proc/meminfo"'
+  cmdline='console=ttyS0 reboot=k panic=-1 pci=off quiet anvil_cmd="uname -a; echo vcpus: $(nproc); head -1 /proc/meminfo"'
 fi
 set -- --kernel "$guest_dir/vmlinux" --initrd "$guest_dir/initramfs.cpio.gz" --cpus 2 --memory 256M \
   --cmdline "$cmdline" "$@"

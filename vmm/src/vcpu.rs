@@ -16,12 +16,27 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+/// Unclaimed guest accesses logged before rate limiting starts.
+const UNCLAIMED_LOG_FIRST: u64 = 8;
+/// After the first few, one unclaimed access in this many is logged.
+const UNCLAIMED_LOG_EVERY: u64 = 4096;
+
 /// RFLAGS.IF (Intel SDM Vol. 1, 3.4.3).
 const RFLAGS_IF: u64 = 1 << 9;
 
 thread_local! {
     /// This thread's `kvm_run` area, so the kick signal handler can set `immediate_exit`.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Notes a guest access no device claimed. A guest can do this in a loop, so only the first
+/// few and then one in every [`UNCLAIMED_LOG_EVERY`] are logged.
+fn note_unclaimed(count: &mut u64, vcpu: u8, what: &str, addr: u64) {
+    *count += 1;
+    let n = *count;
+    if n <= UNCLAIMED_LOG_FIRST || n.is_multiple_of(UNCLAIMED_LOG_EVERY) {
+        tracing::debug!(vcpu, count = n, "unclaimed {what} at {addr:#x}");
+    }
 }
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`.
@@ -106,6 +121,8 @@ pub struct Vcpu {
     events_evt: EventFd,
     requests: Receiver<VcpuRequest>,
     start: Instant,
+    /// Guest accesses no device claimed.
+    unclaimed_count: u64,
 }
 
 /// The event loop's handle on a running vCPU thread.
@@ -157,6 +174,7 @@ impl Vcpu {
             events_evt,
             requests,
             start,
+            unclaimed_count: 0,
         }
     }
 
@@ -226,7 +244,9 @@ impl Vcpu {
                 // valid one, and it does not overlap the data area `data` borrows.
                 let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
                 for chunk in data.chunks(size.max(1)) {
-                    self.pio_bus.write(u64::from(port), chunk);
+                    if !self.pio_bus.write(u64::from(port), chunk) {
+                        note_unclaimed(&mut self.unclaimed_count, self.id, "port write", u64::from(port));
+                    }
                 }
                 None
             }
@@ -234,16 +254,22 @@ impl Vcpu {
                 // SAFETY: as for IoOut above.
                 let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
                 for chunk in data.chunks_mut(size.max(1)) {
-                    self.pio_bus.read(u64::from(port), chunk);
+                    if !self.pio_bus.read(u64::from(port), chunk) {
+                        note_unclaimed(&mut self.unclaimed_count, self.id, "port read", u64::from(port));
+                    }
                 }
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                self.mmio_bus.read(addr, data);
+                if !self.mmio_bus.read(addr, data) {
+                    note_unclaimed(&mut self.unclaimed_count, self.id, "MMIO read", addr);
+                }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                self.mmio_bus.write(addr, data);
+                if !self.mmio_bus.write(addr, data) {
+                    note_unclaimed(&mut self.unclaimed_count, self.id, "MMIO write", addr);
+                }
                 None
             }
             Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
