@@ -37,6 +37,7 @@ extern "C" fn tg_main() -> ! {
         Some("counter") => workloads::counter::run(&params),
         Some("memtest") => workloads::memtest::run(&info, &params),
         Some("irq") => workloads::irq::run(&info, &params),
+        Some("hostile") => workloads::hostile::run(&params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),
         None => exit::fail(format_args!("unknown workload ")),
     }

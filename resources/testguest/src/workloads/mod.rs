@@ -2,6 +2,7 @@
 
 pub mod counter;
 pub mod hello;
+pub mod hostile;
 pub mod irq;
 pub mod memtest;
 
