@@ -1,0 +1,409 @@
+//! The virtio-mmio transport (virtio 1.2, 4.2.2, modern interface only): the register file a
+//! driver programs, the device status state machine and queue set-up, in front of a
+//! [`VirtioDevice`]. Every register value comes from the guest and is checked.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ActivateContext, Interrupt, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
+use crate::bus::BusDevice;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The modern virtio-mmio interface.
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor ID reported to the driver ("ANVL").
+pub const VENDOR_ID: u32 = 0x4c56_4e41;
+/// Size of one device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of the QueueNotify register, for ioeventfd registration.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
+
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = QUEUE_NOTIFY_OFFSET;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// The driver knows how to drive the device.
+pub const STATUS_DRIVER: u32 = 2;
+/// The driver is set up and ready.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// The device hit an error it cannot recover from without a reset.
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
+/// The driver gave up on the device.
+pub const STATUS_FAILED: u32 = 128;
+
+/// A virtio device behind virtio-mmio registers.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Interrupt,
+    queue_evts: Vec<EventFd>,
+    queues: Vec<Queue>,
+    /// Queues the driver gave a size virtio-queue refused (zero, too large, not a power of
+    /// two); such a queue keeps its old size, so the flag is what fails activation.
+    bad_size: Vec<bool>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    activated: bool,
+}
+
+impl std::fmt::Debug for MmioTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioTransport")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("activated", &self.activated)
+            .finish()
+    }
+}
+
+/// Sets the low or high half of a 64-bit value.
+fn set_half(value: u64, high: bool, half: u32) -> u64 {
+    if high {
+        (value & 0xffff_ffff) | (u64::from(half) << 32)
+    } else {
+        (value & !0xffff_ffff) | u64::from(half)
+    }
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `interrupt` raises its IRQ and `queue_evts` (one per queue) are the
+    /// eventfds the VMM registers as ioeventfds on QueueNotify.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, virtio_queue::Error> {
+        let queues = Self::fresh_queues(device.as_ref())?;
+        let bad_size = vec![false; queues.len()];
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queue_evts,
+            queues,
+            bad_size,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            activated: false,
+        })
+    }
+
+    fn fresh_queues(device: &dyn VirtioDevice) -> Result<Vec<Queue>, virtio_queue::Error> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max.min(QUEUE_MAX_SIZE)))
+            .collect()
+    }
+
+    /// The device's virtio type.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// Number of queues (and of queue eventfds the transport expects).
+    pub fn queue_count(&self) -> usize {
+        self.device.queue_max_sizes().len()
+    }
+
+    /// The device's current status byte, as the driver reads it.
+    pub fn status(&self) -> u32 {
+        let needs_reset = if self.interrupt.needs_reset() {
+            STATUS_DEVICE_NEEDS_RESET
+        } else {
+            0
+        };
+        self.status | needs_reset
+    }
+
+    fn device_features(&self) -> u64 {
+        self.device.avail_features() | VIRTIO_F_VERSION_1
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        let sel = usize::try_from(self.queue_sel).ok()?;
+        self.queues.get_mut(sel)
+    }
+
+    /// Queue set-up is allowed only between FEATURES_OK and DRIVER_OK.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        match Self::fresh_queues(self.device.as_ref()) {
+            Ok(queues) => {
+                self.bad_size = vec![false; queues.len()];
+                self.queues = queues;
+            }
+            // Sizes were valid at construction and have not changed.
+            Err(e) => tracing::error!("virtio-mmio: cannot recreate queues: {e}"),
+        }
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.reset();
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        if value & self.status != self.status {
+            // A driver may not clear bits except by writing 0 (virtio 1.2, 2.1.1).
+            tracing::debug!(
+                "virtio-mmio: status {value:#x} clears bits of {:#x}",
+                self.status
+            );
+            return;
+        }
+        if added & STATUS_FEATURES_OK != 0 {
+            // Modern devices require VIRTIO_F_VERSION_1; without it FEATURES_OK does not stick.
+            if self.acked_features & VIRTIO_F_VERSION_1 == 0 || self.status & STATUS_DRIVER == 0 {
+                self.status = value & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        self.status = value;
+        if added & STATUS_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn activate(&mut self) {
+        if self.status & STATUS_FEATURES_OK == 0 {
+            self.fail_device("DRIVER_OK before FEATURES_OK");
+            return;
+        }
+        if let Some(index) = self
+            .queues
+            .iter()
+            .zip(&self.bad_size)
+            .position(|(q, &bad)| bad || !q.ready() || !q.is_valid(&self.mem))
+        {
+            self.fail_device(&format!("queue {index} is not ready or not valid"));
+            return;
+        }
+        let evts: Result<Vec<EventFd>, _> =
+            self.queue_evts.iter().map(EventFd::try_clone).collect();
+        let evts = match evts {
+            Ok(evts) => evts,
+            Err(e) => {
+                self.fail_device(&format!("cannot clone queue eventfds: {e}"));
+                return;
+            }
+        };
+        let queues = std::mem::take(&mut self.queues);
+        let ctx = ActivateContext {
+            mem: self.mem.clone(),
+            interrupt: self.interrupt.clone(),
+            queues,
+            queue_evts: evts,
+            acked_features: self.acked_features,
+        };
+        match self.device.activate(ctx) {
+            Ok(()) => self.activated = true,
+            Err(e) => self.fail_device(&format!("activation failed: {e}")),
+        }
+    }
+
+    /// The driver set the device up wrongly: report DEVICE_NEEDS_RESET; the VM goes on.
+    fn fail_device(&mut self, why: &str) {
+        tracing::warn!(
+            device = self.device.device_type(),
+            "virtio-mmio device needs reset: {why}"
+        );
+        self.interrupt.signal_needs_reset();
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            MAGIC_VALUE => MMIO_MAGIC,
+            VERSION => MMIO_VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR => VENDOR_ID,
+            DEVICE_FEATURES => {
+                let features = self.device_features();
+                match self.device_features_sel {
+                    0 => u32::try_from(features & 0xffff_ffff).unwrap_or(0),
+                    1 => u32::try_from(features >> 32).unwrap_or(0),
+                    _ => 0,
+                }
+            }
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status(),
+            CONFIG_GENERATION => 0,
+            _ => {
+                tracing::debug!("virtio-mmio: read of register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let setup = self.queue_setup_allowed();
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            DRIVER_FEATURES => {
+                if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
+                    return;
+                }
+                let high = match self.driver_features_sel {
+                    0 => false,
+                    1 => true,
+                    _ => return,
+                };
+                // Bits the device did not offer cannot be accepted.
+                self.acked_features =
+                    set_half(self.acked_features, high, value) & self.device_features();
+            }
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NUM if setup => {
+                let sel = usize::try_from(self.queue_sel).ok();
+                if let Some(q) = self.selected_queue() {
+                    let bad =
+                        u16::try_from(value).map_or(true, |size| q.try_set_size(size).is_err());
+                    if let Some(flag) = sel.and_then(|i| self.bad_size.get_mut(i)) {
+                        *flag = bad;
+                    }
+                }
+            }
+            QUEUE_READY if setup => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(value == 1);
+                }
+            }
+            QUEUE_DESC_LOW | QUEUE_DESC_HIGH if setup => {
+                let high = offset == QUEUE_DESC_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    let (lo, hi) = if high {
+                        (None, Some(value))
+                    } else {
+                        (Some(value), None)
+                    };
+                    q.set_desc_table_address(lo, hi);
+                }
+            }
+            QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH if setup => {
+                let high = offset == QUEUE_DRIVER_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    let (lo, hi) = if high {
+                        (None, Some(value))
+                    } else {
+                        (Some(value), None)
+                    };
+                    q.set_avail_ring_address(lo, hi);
+                }
+            }
+            QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH if setup => {
+                let high = offset == QUEUE_DEVICE_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    let (lo, hi) = if high {
+                        (None, Some(value))
+                    } else {
+                        (Some(value), None)
+                    };
+                    q.set_used_ring_address(lo, hi);
+                }
+            }
+            QUEUE_NOTIFY => {
+                // Normally KVM consumes this write through an ioeventfd; this path serves
+                // VMMs without one (and tests).
+                if let Some(evt) = usize::try_from(value)
+                    .ok()
+                    .and_then(|i| self.queue_evts.get(i))
+                {
+                    if let Err(e) = evt.write(1) {
+                        tracing::error!("virtio-mmio: cannot signal a queue: {e}");
+                    }
+                }
+            }
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.set_status(value),
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to register {offset:#x} ignored"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        data.fill(0);
+        // Registers are 32-bit and naturally aligned (virtio 1.2, 4.2.2.2).
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            tracing::debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        }
+        let value = self.read_register(offset);
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            tracing::debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}

@@ -1,0 +1,159 @@
+//! Virtio devices (virtio 1.2, split virtqueues) and the virtio-mmio transport.
+//!
+//! A device model implements [`VirtioDevice`]: it says what it is (type, queues, features,
+//! configuration space) and, once the driver is ready, [`VirtioDevice::activate`] hands it
+//! guest memory, its queues with their notification eventfds and an [`Interrupt`]. The device
+//! never sees transport registers, so a PCI transport can wrap the same models later.
+
+pub mod mmio;
+pub mod rng;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// VIRTIO_F_VERSION_1 (virtio 1.2, 6): the device is modern; the transport always offers it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The largest queue any anvil device offers.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+
+/// Interrupt status bit: a used buffer was added (virtio 1.2, 4.2.2 InterruptStatus).
+pub const INTERRUPT_USED_BUFFER: u32 = 1;
+/// Interrupt status bit: the configuration changed (or the device needs a reset).
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("device expects {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues it was given.
+        got: usize,
+    },
+    /// The device's worker thread could not be started.
+    #[error("cannot start the device worker")]
+    Worker(#[source] std::io::Error),
+}
+
+/// The interrupt line of a virtio device: an interrupt status register shared with the
+/// transport and the irqfd that raises the device's IRQ.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irq: Arc<EventFd>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// An interrupt that raises `irq` (an irqfd registered with KVM).
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            irq: Arc::new(irq),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            tracing::error!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver that used buffers were added.
+    pub fn signal_used_queue(&self) {
+        self.raise(INTERRUPT_USED_BUFFER);
+    }
+
+    /// Tells the driver that the configuration (or the device status) changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    /// Marks the device as broken (the guest corrupted its queues): the transport then reports
+    /// DEVICE_NEEDS_RESET, and the driver is told through a configuration interrupt.
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change();
+    }
+
+    /// True once the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Forgets all pending state (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// The interrupt status register's value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the acknowledged bits of the interrupt status register.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What an activated device receives.
+#[derive(Debug)]
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The device's interrupt.
+    pub interrupt: Interrupt,
+    /// The queues as the driver set them up (validated against guest memory).
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    pub queue_evts: Vec<EventFd>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// A virtio device model, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (virtio 1.2, 5).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of the device's queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device feature bits offered to the driver (the transport adds VIRTIO_F_VERSION_1).
+    fn avail_features(&self) -> u64;
+    /// Reads the device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts processing the queues; returns at once (the work runs on the device's worker).
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops processing and forgets the queues, so the device can be activated again.
+    fn reset(&mut self);
+}
+
+/// Reads from a byte slice at `offset` into `data`, the rest filled with zeros; for
+/// configuration spaces, where a guest may read any offset and length.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests;

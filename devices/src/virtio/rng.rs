@@ -1,0 +1,148 @@
+//! virtio-rng (virtio 1.2, 5.4): one request queue whose writable buffers the device fills
+//! with entropy from the host's getrandom.
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::worker::{QueueHandler, Worker};
+use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, QUEUE_MAX_SIZE};
+
+/// Most bytes given for one request; a guest asking for more gets this many (the spec lets
+/// the device fill less than offered).
+const MAX_REQUEST_BYTES: u32 = 64 * 1024;
+
+/// The virtio-rng device.
+#[derive(Debug, Default)]
+pub struct Rng {
+    worker: Option<Worker>,
+}
+
+impl Rng {
+    /// A new entropy device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+struct RngHandler {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Interrupt,
+    buf: Vec<u8>,
+}
+
+/// Fills `buf` from the host's entropy pool.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable buffer of the given length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+            continue;
+        }
+        filled += n.unsigned_abs();
+    }
+    Ok(())
+}
+
+impl RngHandler {
+    /// Fills the writable descriptors of one chain; returns the bytes written.
+    fn fill_chain(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let mut written: u32 = 0;
+        for desc in chain.writable() {
+            let room = MAX_REQUEST_BYTES - written;
+            let len = desc.len().min(room);
+            if len == 0 {
+                break;
+            }
+            let chunk = &mut self.buf[..len as usize];
+            if let Err(e) = getrandom(chunk) {
+                tracing::error!("virtio-rng: getrandom failed: {e}");
+                break;
+            }
+            if let Err(e) = self.mem.write_slice(chunk, desc.addr()) {
+                // The guest pointed outside its memory: give what was written so far.
+                tracing::debug!("virtio-rng: bad buffer: {e}");
+                break;
+            }
+            written += len;
+        }
+        written
+    }
+}
+
+impl QueueHandler for RngHandler {
+    fn process_queue(&mut self, _index: usize) -> Result<(), String> {
+        let mem = self.mem.clone();
+        let mut used_any = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let len = self.fill_chain(chain);
+            self.queue
+                .add_used(&mem, head, len)
+                .map_err(|e| format!("cannot return a used buffer: {e}"))?;
+            used_any = true;
+        }
+        if used_any {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, why: &str) {
+        tracing::warn!("virtio-rng stopped: {why}");
+        self.interrupt.signal_needs_reset();
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // virtio-rng has no configuration space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-rng: write to configuration offset {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        let handler = RngHandler {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            buf: vec![0; MAX_REQUEST_BYTES as usize],
+        };
+        let worker = Worker::spawn("anvil-rng".into(), ctx.queue_evts, handler)
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
