@@ -98,6 +98,10 @@ struct BootArgs {
     /// The KVM device node.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+
+    /// Give the guest a virtio-rng entropy device (virtio-mmio), fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
 }
 
 /// Prints `error` and its causes on one line.
@@ -151,6 +155,7 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
             BootProtocolArg::Pvh => BootProtocolChoice::Pvh,
         },
         kvm_device: args.kvm_device,
+        rng: args.rng,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

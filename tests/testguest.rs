@@ -207,3 +207,19 @@ fn memtest_checksums_depend_on_the_seed() {
     assert_eq!(sum(&a), sum(&b), "same seed, same memory, same checksums");
     assert_ne!(sum(&a), sum(&c), "another seed must change the checksum");
 }
+
+#[test]
+fn hello_finds_the_virtio_devices_on_the_command_line() {
+    if !kvm_available("hello_finds_the_virtio_devices_on_the_command_line") {
+        return;
+    }
+    let run = boot_testguest("tg.run=hello tg.expect_devices=1", &["--rng"]);
+    run.assert_pass();
+    let tg = run.tg();
+    let cmdline = tg.get("cmdline").cloned().unwrap_or_default();
+    assert!(
+        cmdline.ends_with(" virtio_mmio.device=4K@0xd0000000:5"),
+        "the device is announced the way Linux expects\n{run}"
+    );
+    assert_eq!(tg.get("bootinfo").map(String::as_str), Some("valid"), "{run}");
+}

@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocolChoice,
     /// The KVM device node.
     pub kvm_device: PathBuf,
+    /// Give the guest a virtio-rng device.
+    pub rng: bool,
 }
 
 impl Default for VmConfig {
@@ -56,6 +58,7 @@ impl Default for VmConfig {
             cpu_template: None,
             boot_protocol: BootProtocolChoice::Auto,
             kvm_device: PathBuf::from("/dev/kvm"),
+            rng: false,
         }
     }
 }

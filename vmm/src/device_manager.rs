@@ -6,9 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arch::layout::{BOOT_TIMER_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_KBD_IRQ, I8042_PORT};
+use arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_END, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use devices::legacy::{BootTimer, Cmos, SerialDevice, I8042};
+use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
 use devices::{Bus, BusError};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of device setup.
@@ -23,6 +27,15 @@ pub enum DeviceError {
     /// A device could not be placed on a bus.
     #[error("cannot place {0} on the bus")]
     Bus(&'static str, #[source] BusError),
+    /// No MMIO slot or IRQ line is left for another virtio device.
+    #[error("too many virtio devices: no MMIO slot or IRQ line left for {0}")]
+    NoSlot(&'static str),
+    /// A queue notification could not be connected (ioeventfd).
+    #[error("cannot connect the queue notifications of {0}")]
+    Ioeventfd(&'static str, #[source] kvm_ioctls::Error),
+    /// The device's queues could not be created.
+    #[error("cannot create the queues of {0}")]
+    Queue(&'static str, #[source] devices::virtio::QueueError),
 }
 
 /// Writes guest console output straight to the host's stdout, unbuffered, so interactive
@@ -55,6 +68,8 @@ pub struct DeviceManager {
     pub serial_input_room_evt: EventFd,
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
+    /// Virtio-mmio devices placed so far, as `virtio_mmio.device=` kernel parameters.
+    pub virtio_cmdline: Vec<String>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -116,6 +131,51 @@ impl DeviceManager {
             serial,
             serial_input_room_evt,
             reset_evt,
+            virtio_cmdline: Vec::new(),
         })
+    }
+
+    /// Places `device` behind a virtio-mmio transport in the next free slot: its own IRQ
+    /// line (irqfd) and an ioeventfd per queue on QueueNotify, so notifications reach the
+    /// device's worker without a trip through the vCPU thread.
+    pub fn add_virtio_device(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        name: &'static str,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<(), DeviceError> {
+        let index =
+            u32::try_from(self.virtio_cmdline.len()).map_err(|_| DeviceError::NoSlot(name))?;
+        let addr = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SLOT_SIZE;
+        let irq = IRQ_BASE + index;
+        if addr + VIRTIO_MMIO_SLOT_SIZE > VIRTIO_MMIO_END || irq > IRQ_MAX {
+            return Err(DeviceError::NoSlot(name));
+        }
+        let irq_evt = eventfd(name)?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|e| DeviceError::Irqfd(name, e))?;
+        let mut queue_evts = Vec::new();
+        for queue in 0..device.queue_max_sizes().len() {
+            let evt = eventfd(name)?;
+            let datamatch = u32::try_from(queue).expect("a device has a handful of queues");
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                datamatch,
+            )
+            .map_err(|e| DeviceError::Ioeventfd(name, e))?;
+            queue_evts.push(evt);
+        }
+        let transport =
+            MmioTransport::new(device, mem.clone(), Interrupt::new(irq_evt), queue_evts)
+                .map_err(|e| DeviceError::Queue(name, e))?;
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SLOT_SIZE)
+            .map_err(|e| DeviceError::Bus(name, e))?;
+        self.virtio_cmdline
+            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        tracing::debug!(device = name, addr, irq, "virtio-mmio device placed");
+        Ok(())
     }
 }

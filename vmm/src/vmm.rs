@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use arch::boot::BootProtocol;
 use arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use arch::template::CpuTemplate;
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use devices::virtio::rng::Rng;
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -187,6 +190,16 @@ impl Vmm {
             .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
         vm.create_irq_chip()
             .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        // KVM's IOAPIC starts with ID 0; give it the ID the MP table and MADT announce.
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut ioapic)
+            .map_err(|e| VmmError::VmSetup("read the IOAPIC state", e))?;
+        ioapic.chip.ioapic.id = u32::from(arch::mptable::ioapic_id(config.vcpu_count));
+        vm.set_irqchip(&ioapic)
+            .map_err(|e| VmmError::VmSetup("set the IOAPIC ID", e))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -237,8 +250,17 @@ impl Vmm {
             .as_ref()
             .map(|path| crate::loader::load_initrd(guest_memory, path, &kernel))
             .transpose()?;
-        let (cmdline_addr, cmdline_size) =
-            crate::loader::load_cmdline(guest_memory, &config.cmdline)?;
+        let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
+        if config.rng {
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
+        }
+        // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
+        let mut cmdline = config.cmdline.clone();
+        for param in &devices.virtio_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(param);
+        }
+        let (cmdline_addr, cmdline_size) = crate::loader::load_cmdline(guest_memory, &cmdline)?;
         arch::boot::configure_system(
             guest_memory,
             cmdline_addr,
@@ -254,8 +276,6 @@ impl Vmm {
             protocol = ?kernel.protocol,
             "kernel loaded"
         );
-
-        let devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
 
         let supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
