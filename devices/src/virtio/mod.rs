@@ -5,6 +5,7 @@
 //! guest memory, its queues with their notification eventfds and an [`Interrupt`]. The device
 //! never sees transport registers, so a PCI transport can wrap the same models later.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 mod worker;

@@ -380,3 +380,174 @@ fn rng_survives_hostile_chains() {
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
 }
+
+mod block {
+    use super::*;
+    use crate::virtio::block::request::{STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
+    use crate::virtio::block::Block;
+
+    const HDR: u64 = 0x20000;
+    const DATA: u64 = 0x30000;
+    const STATUS: u64 = 0x40000;
+
+    struct Rig {
+        t: MmioTransport,
+        m: GuestMemoryMmap,
+        notify: EventFd,
+        path: std::path::PathBuf,
+        requests: u16,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            wr(&mut self.t, 0x70, 0);
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn rig(tag: &str, content: &[u8], read_only: bool) -> Rig {
+        let path = std::env::temp_dir().join(format!("anvil-blk-{tag}-{}", std::process::id()));
+        std::fs::write(&path, content).unwrap();
+        let m = mem();
+        let notify = evt();
+        let dev = Block::open(&path, read_only, "serial-123", 0).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(dev),
+            m.clone(),
+            Interrupt::new(evt()),
+            vec![notify.try_clone().unwrap()],
+        )
+        .unwrap();
+        negotiate(&mut t, 0);
+        setup_queue(&mut t, 0, 16, 0);
+        wr(&mut t, 0x70, ALL_OK);
+        Rig {
+            t,
+            m,
+            notify,
+            path,
+            requests: 0,
+        }
+    }
+
+    impl Rig {
+        /// Submits header + data (`data_flags` says its direction) + status; returns
+        /// (status byte, used length).
+        fn submit(&mut self, kind: u32, sector: u64, data_len: u32, data_flags: u16) -> (u8, u32) {
+            self.m.write_obj(kind, GuestAddress(HDR)).unwrap();
+            self.m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            self.m.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            self.m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+            put_desc(&self.m, 0, 0, HDR, 16, VRING_DESC_F_NEXT, 1);
+            if data_len > 0 {
+                put_desc(
+                    &self.m,
+                    0,
+                    1,
+                    DATA,
+                    data_len,
+                    data_flags | VRING_DESC_F_NEXT,
+                    2,
+                );
+                put_desc(&self.m, 0, 2, STATUS, 1, VRING_DESC_F_WRITE, 0);
+            } else {
+                put_desc(&self.m, 0, 1, STATUS, 1, VRING_DESC_F_WRITE, 0);
+            }
+            let slot = self.requests % 16;
+            self.m
+                .write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+                .unwrap();
+            self.requests += 1;
+            self.m
+                .write_obj(self.requests, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.notify.write(1).unwrap();
+            assert!(
+                wait_used(&self.m, 0, self.requests),
+                "request not completed"
+            );
+            let used_len: u32 = self
+                .m
+                .read_obj(GuestAddress(USED + 4 + 8 * u64::from(slot) + 4))
+                .unwrap();
+            (self.m.read_obj(GuestAddress(STATUS)).unwrap(), used_len)
+        }
+    }
+
+    #[test]
+    fn writes_reach_the_file_and_read_back() {
+        let mut r = rig("rw", &[0u8; 8192], false);
+        r.m.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+        assert_eq!(r.submit(1, 2, 1024, 0), (STATUS_OK, 1));
+        assert_eq!(r.submit(4, 0, 0, 0), (STATUS_OK, 1), "flush");
+        let file = std::fs::read(&r.path).unwrap();
+        assert!(file[1024..2048].iter().all(|&b| b == 0xab));
+        assert!(file[..1024].iter().all(|&b| b == 0));
+        r.m.write_slice(&[0u8; 2048], GuestAddress(DATA)).unwrap();
+        assert_eq!(r.submit(0, 1, 2048, VRING_DESC_F_WRITE), (STATUS_OK, 2049));
+        let mut back = [0u8; 2048];
+        r.m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert!(back[..512].iter().all(|&b| b == 0));
+        assert!(back[512..1536].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn read_only_disks_refuse_writes_and_still_read() {
+        let content: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut r = rig("ro", &content, true);
+        assert_ne!(rd(&mut r.t, 0x10) & (1 << 5), 0, "VIRTIO_BLK_F_RO offered");
+        r.m.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(r.submit(1, 0, 512, 0).0, STATUS_IOERR);
+        assert_eq!(r.submit(0, 0, 512, VRING_DESC_F_WRITE), (STATUS_OK, 513));
+        let mut back = [0u8; 512];
+        r.m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(&back[..], &content[..512]);
+        assert_eq!(
+            std::fs::read(&r.path).unwrap(),
+            content,
+            "the file is untouched"
+        );
+    }
+
+    #[test]
+    fn bad_requests_fail_with_the_right_status() {
+        let mut r = rig("bad", &[0u8; 4096], false);
+        // Capacity in the config space.
+        let mut cap = [0u8; 8];
+        r.t.read(0x100, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_eq!(
+            r.submit(0, 8, 512, VRING_DESC_F_WRITE).0,
+            STATUS_IOERR,
+            "past the end"
+        );
+        assert_eq!(
+            r.submit(0, u64::MAX, 512, VRING_DESC_F_WRITE).0,
+            STATUS_IOERR
+        );
+        assert_eq!(
+            r.submit(0, 0, 100, VRING_DESC_F_WRITE).0,
+            STATUS_IOERR,
+            "unaligned"
+        );
+        assert_eq!(r.submit(77, 0, 0, 0).0, STATUS_UNSUPP);
+        // GET_ID returns the serial.
+        assert_eq!(r.submit(8, 0, 20, VRING_DESC_F_WRITE), (STATUS_OK, 21));
+        let mut id = [0u8; 20];
+        r.m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..10], b"serial-123");
+        assert!(id[10..].iter().all(|&b| b == 0));
+        // The device still works afterwards.
+        assert_eq!(rd(&mut r.t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r.submit(0, 0, 512, VRING_DESC_F_WRITE).0, STATUS_OK);
+    }
+
+    #[test]
+    fn unaligned_images_are_refused() {
+        let path = std::env::temp_dir().join(format!("anvil-blk-odd-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 1000]).unwrap();
+        let err = Block::open(&path, false, "x", 0).unwrap_err();
+        assert!(err.to_string().contains("not a multiple of 512"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

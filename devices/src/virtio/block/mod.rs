@@ -1,0 +1,214 @@
+//! virtio-blk (virtio 1.2, 5.2) backed by a raw file: read, write, flush and get-id, with
+//! read-only disks. Requests run on the device's worker thread, never on a vCPU.
+
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
+use super::worker::{QueueHandler, Worker};
+use super::QUEUE_MAX_SIZE;
+use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+
+/// Errors of opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open disk image {}", .path.display())]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backing file is not a whole number of sectors.
+    #[error("disk image {} is {len} bytes, not a multiple of 512", .path.display())]
+    Unaligned {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+}
+
+/// A virtio block device.
+#[derive(Debug)]
+pub struct Block {
+    disk: Arc<Mutex<Disk>>,
+    config: [u8; 8],
+    features: u64,
+    index: usize,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// Opens the raw image at `path` (read-only when `read_only`); `id` is what GET_ID
+    /// returns, `index` names the worker thread.
+    pub fn open(path: &Path, read_only: bool, id: &str, index: usize) -> Result<Self, BlockError> {
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if len % SECTOR_SIZE != 0 {
+            return Err(BlockError::Unaligned {
+                path: path.to_path_buf(),
+                len,
+            });
+        }
+        let mut features = 1u64 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            disk: Arc::new(Mutex::new(Disk {
+                file,
+                capacity_bytes: len,
+                read_only,
+                id: id.to_string(),
+            })),
+            // Config space: capacity in 512-byte sectors (le64); nothing else is offered.
+            config: (len / SECTOR_SIZE).to_le_bytes(),
+            features,
+            index,
+            worker: None,
+        })
+    }
+}
+
+struct BlockHandler {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Interrupt,
+    disk: Arc<Mutex<Disk>>,
+    bounce: Vec<u8>,
+}
+
+impl BlockHandler {
+    /// Runs one request; returns the used length (data written plus the status byte), or 0
+    /// when the chain has no room for a status byte.
+    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let (mut reader, mut writer) = match (
+            Reader::new(&self.mem, chain.clone()),
+            Writer::new(&self.mem, chain),
+        ) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => {
+                tracing::debug!("virtio-blk: chain outside guest memory");
+                return 0;
+            }
+        };
+        let writable = writer.available_bytes();
+        if writable == 0 {
+            tracing::debug!("virtio-blk: request without a status byte");
+            return 0;
+        }
+        let Ok(mut status_writer) = writer.split_at(writable - 1) else {
+            return 0;
+        };
+        let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+        let (status, written) =
+            match request::execute(&mut disk, &mut reader, &mut writer, &mut self.bounce) {
+                Ok(n) => (STATUS_OK, n),
+                Err(e) => {
+                    if !matches!(e, RequestError::ReadOnly) {
+                        tracing::debug!("virtio-blk: request failed: {e}");
+                    }
+                    (e.status(), writer.bytes_written())
+                }
+            };
+        drop(disk);
+        if status_writer.write_obj(status).is_err() {
+            return 0;
+        }
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
+    }
+}
+
+impl QueueHandler for BlockHandler {
+    fn process_queue(&mut self, _index: usize) -> Result<(), String> {
+        let mem = self.mem.clone();
+        let mut used_any = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            let len = self.handle(chain);
+            self.queue
+                .add_used(&mem, head, len)
+                .map_err(|e| format!("cannot return a used buffer: {e}"))?;
+            used_any = true;
+        }
+        if used_any {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    fn failed(&mut self, why: &str) {
+        tracing::warn!("virtio-blk stopped: {why}");
+        self.interrupt.signal_needs_reset();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-blk: write to configuration offset {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        let handler = BlockHandler {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            disk: self.disk.clone(),
+            bounce: Vec::new(),
+        };
+        let worker = Worker::spawn(format!("anvil-blk{}", self.index), ctx.queue_evts, handler)
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
