@@ -13,6 +13,7 @@ mod apic;
 mod bootinfo;
 mod cmdline;
 mod console;
+mod dma;
 mod entry;
 mod exit;
 mod io;
@@ -21,6 +22,7 @@ mod paging;
 mod phys;
 mod tables;
 mod time;
+mod virtio;
 mod workloads;
 
 use bootinfo::BootInfo;
@@ -38,6 +40,8 @@ extern "C" fn tg_main() -> ! {
         Some("memtest") => workloads::memtest::run(&info, &params),
         Some("irq") => workloads::irq::run(&info, &params),
         Some("hostile") => workloads::hostile::run(&params),
+        Some("rng") => workloads::rng::run(&info, &params),
+        Some("blk") => workloads::blk::run(&info, &params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),
         None => exit::fail(format_args!("unknown workload ")),
     }

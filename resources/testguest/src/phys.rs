@@ -78,3 +78,43 @@ pub fn mmio_write_u32(addr: u64, value: u32) {
     // checks); the write exits to the VMM or KVM and does not touch our memory.
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
+
+/// Writes a u16 to physical memory (aligned).
+pub fn write_u16(addr: u64, value: u16) {
+    debug_assert!(addr & 1 == 0);
+    // SAFETY: as for `write_u64`: identity-mapped, user-accessible, aligned memory the guest
+    // owns (callers pass addresses from the DMA arena).
+    unsafe { core::ptr::write_volatile(addr as *mut u16, value) }
+}
+
+/// Writes a u32 to physical memory (aligned).
+pub fn write_u32(addr: u64, value: u32) {
+    debug_assert!(addr & 3 == 0);
+    // SAFETY: as for `write_u16`.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+}
+
+/// Borrows `len` bytes of RAM.
+///
+/// # Safety
+/// `[addr, addr + len)` must be identity-mapped RAM that the guest owns (from the DMA arena,
+/// not the image, stacks or page tables), no device may write it while the borrow lives, and
+/// no other reference to it may be alive.
+pub unsafe fn bytes_mut(addr: u64, len: usize) -> &'static mut [u8] {
+    // SAFETY: the caller guarantees exclusive access to mapped RAM of that length.
+    unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len) }
+}
+
+/// Reads an aligned u16 that a device may change (volatile: read on every call).
+pub fn load_u16(addr: u64) -> u16 {
+    debug_assert!(addr & 1 == 0);
+    // SAFETY: identity-mapped, user-accessible, aligned RAM (a ring the guest set up).
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+/// Reads an aligned u32 that a device may change (volatile).
+pub fn load_u32(addr: u64) -> u32 {
+    debug_assert!(addr & 3 == 0);
+    // SAFETY: as for `load_u16`.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}

@@ -9,7 +9,8 @@
 //! stub's counter to move before asking again (an edge that arrives while the previous one is
 //! still pending would be merged, so one at a time keeps the count exact).
 //!
-//! Parameters: `tg.irq_source=serial|pit` (serial), `tg.irq_count=<N>` (16) deliveries wanted,
+//! Parameters: `tg.irq_source=serial|pit|virtio-rng` (serial; virtio-rng: the first entropy
+//! device's used-buffer interrupt, one 16-byte request per trigger), `tg.irq_count=<N>` (16) deliveries wanted,
 //! `tg.timeout_ms` (2000), `tg.irq_mask=1` (leave the IOAPIC pin masked), `tg.irq_if=0` (leave
 //! IF clear in ring 3), `tg.irq_expect=some|none` (some: pass when at least N deliveries were
 //! counted within the timeout; none: pass when none were, after waiting the whole timeout).
@@ -29,6 +30,8 @@
 use super::param;
 use crate::apic::{self, IoApic};
 use crate::cmdline::Params;
+use crate::dma::Arena;
+use crate::virtio::Chain;
 use crate::{console, entry, exit, io, tables, time};
 
 /// A device that raises an edge-triggered interrupt on an ISA IRQ when asked.
@@ -115,6 +118,42 @@ impl IrqSource for Pit {
     }
 }
 
+/// A virtio-rng device with used-buffer interrupts on: each trigger acknowledges the interrupt
+/// status, reclaims what the device returned and submits one 16-byte request.
+struct VirtioRng {
+    rng: super::rng::Rng,
+    buf: u64,
+}
+
+/// Bytes asked for per virtio-rng trigger.
+const VIRTIO_RNG_REQ: u32 = 16;
+
+impl IrqSource for VirtioRng {
+    fn name(&self) -> &'static str {
+        "virtio-rng"
+    }
+    fn isa_irq(&self) -> u8 {
+        u8::try_from(self.rng.dev.irq).unwrap_or(u8::MAX)
+    }
+    fn enable(&mut self) {
+        self.rng.queue.set_interrupts(true);
+    }
+    fn trigger(&mut self) {
+        self.rng.dev.ack_interrupt();
+        while let Ok(Some(_)) = self.rng.queue.poll() {}
+        let mut chain = Chain::new();
+        // A full queue (the device is slow to return buffers) just skips this trigger.
+        if chain.writable(self.buf, VIRTIO_RNG_REQ).is_ok() && self.rng.queue.submit(&chain).is_ok()
+        {
+            self.rng.queue.notify();
+        }
+    }
+    fn disable(&mut self) {
+        self.rng.queue.set_interrupts(false);
+        self.rng.dev.ack_interrupt();
+    }
+}
+
 /// Samples of the cost measurements printed at the end.
 const COST_SAMPLES: u64 = 16;
 
@@ -134,9 +173,11 @@ pub fn run(info: &crate::bootinfo::BootInfo, params: &Params<'_>) -> ! {
     };
     let mut serial = Serial;
     let mut pit = Pit;
+    let mut virtio_rng = None;
     let source: &mut dyn IrqSource = match params.get("irq_source") {
         None | Some("serial") => &mut serial,
         Some("pit") => &mut pit,
+        Some("virtio-rng") => virtio_rng.insert(open_virtio_rng(info, params)),
         Some(other) => exit::fail(format_args!("bad parameter tg.irq_source={other}")),
     };
 
@@ -242,6 +283,19 @@ pub fn run(info: &crate::bootinfo::BootInfo, params: &Params<'_>) -> ! {
     exit::fail(format_args!(
         "only {count} of {want} interrupts in {timeout_ms} ms (redirection entry {entry_low:#x})"
     ))
+}
+
+/// Sets up the first virtio-rng device (interrupts stay off until `enable`).
+fn open_virtio_rng(info: &crate::bootinfo::BootInfo, params: &Params<'_>) -> VirtioRng {
+    let Some(mut arena) = Arena::new(info) else {
+        exit::fail(format_args!("no RAM for the virtio-rng queue"))
+    };
+    let (khz, _) = time::tsc_khz();
+    let rng = super::rng::open(params, &mut arena, 0, khz.saturating_mul(5000));
+    let Some(buf) = arena.alloc(u64::from(VIRTIO_RNG_REQ), 64) else {
+        exit::fail(format_args!("no RAM for the virtio-rng buffer"))
+    };
+    VirtioRng { rng, buf }
 }
 
 /// True while the TSC is before `deadline`.
