@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmm::config::{parse_mem_size_mib, validate_vcpu_count, DEFAULT_CMDLINE};
+use vmm::config::{parse_mem_size_mib, validate_vcpu_count, DiskConfig, DEFAULT_CMDLINE};
 use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
 
 /// Exit status when the guest reset or powered off.
@@ -102,6 +102,12 @@ struct BootArgs {
     /// Give the guest a virtio-rng entropy device (virtio-mmio), fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+
+    /// A virtio-blk disk backed by a raw image: path=PATH[,ro][,root][,id=ID]. Repeatable;
+    /// the guest sees them in order as vda, vdb, ... `ro` makes it read-only, `root` adds
+    /// root=/dev/vdX to the kernel command line, `id` names it (and is its serial).
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
 }
 
 /// Prints `error` and its causes on one line.
@@ -156,6 +162,13 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
         },
         kvm_device: args.kvm_device,
         rng: args.rng,
+        disks: args
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, text)| DiskConfig::parse(text, i))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("invalid --disk: {e}"))?,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

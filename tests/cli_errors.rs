@@ -286,3 +286,30 @@ fn a_bad_log_level_is_a_usage_error() {
     let run = boot(&["--kernel", &guest(), "--log-level", "loud"], T);
     assert_error(&run, EXIT_USAGE, "invalid log level \"loud\"");
 }
+
+#[test]
+fn bad_disks_are_refused_before_the_guest_starts() {
+    let g = guest();
+    let run = boot(&["--kernel", &g, "--disk", "path=/nonexistent/disk.img"], T);
+    assert_error(
+        &run,
+        EXIT_ERROR,
+        "cannot open disk image /nonexistent/disk.img",
+    );
+    let dir = TempDir::new("disks");
+    let img = dir.path("a.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let odd = dir.path("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let a = format!("path={},id=same", img.display());
+    let run = boot(&["--kernel", &g, "--disk", &a, "--disk", &a], T);
+    assert_error(&run, EXIT_USAGE, "disk id \"same\" is used twice");
+    let run = boot(&["--kernel", &g, "--disk", "ro,root"], T);
+    assert_error(&run, EXIT_USAGE, "path=PATH is missing");
+    let bad_opt = format!("path={},rw", img.display());
+    let run = boot(&["--kernel", &g, "--disk", &bad_opt], T);
+    assert_error(&run, EXIT_USAGE, "unknown or empty option \"rw\"");
+    let odd_disk = format!("path={}", odd.display());
+    let run = boot(&["--kernel", &g, "--disk", &odd_disk], T);
+    assert_error(&run, EXIT_ERROR, "is 1000 bytes, not a multiple of 512");
+}

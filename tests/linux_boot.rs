@@ -177,3 +177,83 @@ fn linux_shell_reads_console_input() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// Boots Linux from a virtio-blk root disk (no initramfs) with a read-only data disk and
+/// virtio-rng, checks what the guest sees, then boots again to find what it wrote.
+#[test]
+fn linux_boots_from_a_virtio_root_disk_with_rng() {
+    if !linux_capable("linux_boots_from_a_virtio_root_disk_with_rng") {
+        return;
+    }
+    let dir = common::TempDir::new("linux-disk");
+    let root = dir.path("rootfs.ext4");
+    std::fs::copy(linux_guest_dir().join("rootfs.ext4"), &root).unwrap();
+    let data = dir.path("data.img");
+    let content: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(7919) >> 8) as u8)
+        .collect();
+    std::fs::write(&data, &content).unwrap();
+    let first_sector_sum: u32 = content[..512].iter().map(|&b| u32::from(b)).sum();
+    let vmlinux = linux_guest_dir().join("vmlinux");
+    let boot_with = |anvil_cmd: &str| {
+        let cmdline = format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{anvil_cmd}\"");
+        boot(
+            &[
+                "--kernel",
+                vmlinux.to_str().unwrap(),
+                "--cmdline",
+                &cmdline,
+                "--disk",
+                &format!("path={},root,id=rootfs", root.display()),
+                "--disk",
+                &format!("path={},ro,id=data", data.display()),
+                "--rng",
+            ],
+            BOOT_TIMEOUT,
+        )
+    };
+    let run = boot_with(
+        "echo rootdev=$(grep ' / ' /proc/mounts | cut -d' ' -f1); \
+         echo vdb_size=$(cat /sys/block/vdb/size); echo vdb_ro=$(cat /sys/block/vdb/ro); \
+         echo vdb_sum=$(dd if=/dev/vdb bs=512 count=1 2>/dev/null | od -An -v -tu1 | tr -s ' ' '\\n' | awk '{s+=$1} END {print s}'); \
+         dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null && echo vdb_write=ok || echo vdb_write=refused; \
+         echo rng=$(cat /sys/class/misc/hw_random/rng_current); \
+         echo rng_bytes=$(head -c 64 /dev/hwrng | wc -c); \
+         echo persisted-$((40+2)) > /marker && sync && echo wrote=$(cat /marker)",
+    );
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect();
+    for expected in [
+        "rootdev=/dev/root".to_string(),
+        "vdb_size=2048".to_string(),
+        "vdb_ro=1".to_string(),
+        format!("vdb_sum={first_sector_sum}"),
+        "vdb_write=refused".to_string(),
+        "rng=virtio_rng.0".to_string(),
+        "rng_bytes=64".to_string(),
+        "wrote=persisted-42".to_string(),
+    ] {
+        assert!(
+            lines.contains(&expected.as_str()),
+            "missing {expected:?}\n{run}"
+        );
+    }
+    assert_eq!(run.status.code(), Some(0), "{run}");
+    assert_eq!(
+        std::fs::read(&data).unwrap(),
+        content,
+        "the read-only disk is untouched"
+    );
+
+    let run = boot_with("echo found=$(cat /marker)");
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.trim_end_matches('\r') == "found=persisted-42"),
+        "what the guest wrote to its root disk survives a reboot\n{run}"
+    );
+    assert_eq!(run.status.code(), Some(0), "{run}");
+}

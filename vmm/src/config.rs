@@ -45,6 +45,65 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Give the guest a virtio-rng device.
     pub rng: bool,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+    /// The guest's root file system (`root=/dev/vdX` is added to the command line).
+    pub root: bool,
+    /// Name of the disk; also the serial the guest reads with GET_ID (first 20 bytes).
+    pub id: String,
+}
+
+/// Longest disk ID accepted.
+pub const MAX_DISK_ID_LEN: usize = 64;
+
+impl DiskConfig {
+    /// Parses `path=PATH[,ro][,root][,id=ID]`; the ID defaults to `disk<index>`.
+    pub fn parse(text: &str, index: usize) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::DiskSyntax {
+            text: text.to_string(),
+            why,
+        };
+        let mut path = None;
+        let mut read_only = false;
+        let mut root = false;
+        let mut id = None;
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                Some(("id", i)) => id = Some(i.to_string()),
+                None if part == "ro" => read_only = true,
+                None if part == "root" => root = true,
+                _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+            }
+        }
+        let path = path.ok_or_else(|| bad("path=PATH is missing".into()))?;
+        let id = id.unwrap_or_else(|| format!("disk{index}"));
+        if id.is_empty()
+            || id.len() > MAX_DISK_ID_LEN
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(bad(format!(
+                "id {id:?} must be 1 to {MAX_DISK_ID_LEN} letters, digits, '_' or '-'"
+            )));
+        }
+        Ok(Self {
+            path,
+            read_only,
+            root,
+            id,
+        })
+    }
 }
 
 impl Default for VmConfig {
@@ -59,6 +118,7 @@ impl Default for VmConfig {
             boot_protocol: BootProtocolChoice::Auto,
             kvm_device: PathBuf::from("/dev/kvm"),
             rng: false,
+            disks: Vec::new(),
         }
     }
 }
@@ -91,6 +151,23 @@ pub enum ConfigError {
         /// The limit.
         max: u64,
     },
+    /// A `--disk` value cannot be parsed.
+    #[error("invalid disk {text:?}: {why}")]
+    DiskSyntax {
+        /// The value.
+        text: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Two disks have the same ID.
+    #[error("disk id {0:?} is used twice")]
+    DuplicateDiskId(String),
+    /// More than one disk is marked as the root.
+    #[error("more than one disk is marked root")]
+    SeveralRootDisks,
+    /// More virtio devices than the machine has slots and IRQs for.
+    #[error("too many virtio devices: at most {0}")]
+    TooManyDevices(usize),
     /// The command line has a byte a kernel command line cannot carry.
     #[error("kernel command line has a non-printable or non-ASCII character at byte {0}")]
     CmdlineCharacter(usize),
@@ -173,6 +250,19 @@ impl VmConfig {
                 max,
             });
         }
+        let mut ids = std::collections::HashSet::new();
+        for disk in &self.disks {
+            if !ids.insert(disk.id.as_str()) {
+                return Err(ConfigError::DuplicateDiskId(disk.id.clone()));
+            }
+        }
+        if self.disks.iter().filter(|d| d.root).count() > 1 {
+            return Err(ConfigError::SeveralRootDisks);
+        }
+        let max_devices = (arch::layout::IRQ_MAX - arch::layout::IRQ_BASE + 1) as usize;
+        if self.disks.len() + usize::from(self.rng) > max_devices {
+            return Err(ConfigError::TooManyDevices(max_devices));
+        }
         if let Some(pos) = self
             .cmdline
             .bytes()
@@ -245,6 +335,65 @@ mod tests {
             Err(ConfigError::CmdlineTooLong { .. })
         ));
         assert_eq!(VmConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn disks_parse_with_their_options() {
+        assert_eq!(
+            DiskConfig::parse("path=/a.img,ro,root,id=sys", 3),
+            Ok(DiskConfig {
+                path: "/a.img".into(),
+                read_only: true,
+                root: true,
+                id: "sys".into()
+            })
+        );
+        assert_eq!(
+            DiskConfig::parse("path=/b", 2).map(|d| d.id),
+            Ok("disk2".into())
+        );
+        for bad in [
+            "",
+            "ro",
+            "path=",
+            "path=/a,rw",
+            "path=/a,id=",
+            "path=/a,id=a b",
+            "path=/a,x=1",
+        ] {
+            assert!(
+                matches!(
+                    DiskConfig::parse(bad, 0),
+                    Err(ConfigError::DiskSyntax { .. })
+                ),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn disk_ids_and_roots_are_unique() {
+        let disk = |id: &str, root: bool| DiskConfig {
+            path: "/x".into(),
+            read_only: false,
+            root,
+            id: id.into(),
+        };
+        let mut config = VmConfig {
+            disks: vec![disk("a", true), disk("a", false)],
+            ..VmConfig::default()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::DuplicateDiskId("a".into()))
+        );
+        config.disks = vec![disk("a", true), disk("b", true)];
+        assert_eq!(config.validate(), Err(ConfigError::SeveralRootDisks));
+        config.disks = (0..20).map(|i| disk(&format!("d{i}"), false)).collect();
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::TooManyDevices(_))
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use arch::boot::BootProtocol;
 use arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use arch::template::CpuTemplate;
+use devices::virtio::block::{Block, BlockError};
 use devices::virtio::rng::Rng;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -91,6 +92,9 @@ pub enum VmmError {
     /// Device setup failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// A disk cannot be opened.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -254,8 +258,18 @@ impl Vmm {
         if config.rng {
             devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
         }
-        // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         let mut cmdline = config.cmdline.clone();
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block = Block::open(&disk.path, disk.read_only, &disk.id, index)?;
+            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
+            if disk.root {
+                // Disks are probed in command-line order: the first is vda.
+                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
+                let mode = if disk.read_only { "ro" } else { "rw" };
+                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
+            }
+        }
+        // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in &devices.virtio_cmdline {
             cmdline.push(' ');
             cmdline.push_str(param);
