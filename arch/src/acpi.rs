@@ -8,7 +8,9 @@
 //! local APIC per vCPU and the IOAPIC; legacy IRQs are identity-mapped to IOAPIC pins (no
 //! interrupt source overrides), the same routing the MP table and KVM's default GSI routing use.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Path, ResourceTemplate, IO};
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
@@ -35,6 +37,9 @@ pub enum AcpiError {
     /// The tables would run past the BIOS area.
     #[error("acpi tables end at {0:#x}, past the bios area")]
     TooLarge(u64),
+    /// A virtio-mmio window is not where 32-bit ACPI resources can describe it.
+    #[error("virtio-mmio window at {0:#x} cannot be described in acpi")]
+    VirtioWindow(u64),
     /// Writing a table to guest memory failed.
     #[error("cannot write the acpi {table} table to guest memory")]
     Write {
@@ -73,7 +78,47 @@ const MADT_LOCAL_APIC_NMI: u8 = 4;
 const ALL_PROCESSORS: u8 = 0xff;
 
 /// Builds the DSDT: a definition block describing the legacy devices.
-fn build_dsdt() -> Sdt {
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Base of its register window.
+    pub addr: u64,
+    /// Size of the window.
+    pub len: u64,
+    /// Its interrupt (GSI).
+    pub gsi: u32,
+}
+
+/// Describes `virtio_devices` as ACPI devices (Linux binds "LNRO0005" to virtio-mmio), so
+/// that a guest that uses ACPI for interrupt routing can map their GSIs: the kernel
+/// command line's `virtio_mmio.device=` only names IRQ numbers, which a hardware-reduced
+/// ACPI guest does not map to GSIs 1:1.
+fn virtio_aml(
+    device: &VirtioMmioDevice,
+    index: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), AcpiError> {
+    let base = u32::try_from(device.addr).map_err(|_| AcpiError::VirtioWindow(device.addr))?;
+    let len = u32::try_from(device.len).map_err(|_| AcpiError::VirtioWindow(device.addr))?;
+    let uid = u16::try_from(index).map_err(|_| AcpiError::VirtioWindow(device.addr))?;
+    let mem = Memory32Fixed::new(true, base, len);
+    // Consumer, edge triggered, active high, exclusive.
+    let irq = Interrupt::new(true, true, false, false, device.gsi);
+    let crs = ResourceTemplate::new(vec![&mem, &irq]);
+    let path = format!("_SB_.V{index:03}");
+    Device::new(
+        Path::new(&path),
+        vec![
+            &Name::new(Path::new("_HID"), &"LNRO0005"),
+            &Name::new(Path::new("_UID"), &uid),
+            &Name::new(Path::new("_CRS"), &crs),
+        ],
+    )
+    .to_aml_bytes(body);
+    Ok(())
+}
+
+fn build_dsdt(virtio_devices: &[VirtioMmioDevice]) -> Result<Sdt, AcpiError> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
         SDT_HEADER_SIZE,
@@ -126,8 +171,12 @@ fn build_dsdt() -> Sdt {
     )
     .to_aml_bytes(&mut body);
 
+    for (index, device) in virtio_devices.iter().enumerate() {
+        virtio_aml(device, index, &mut body)?;
+    }
+
     dsdt.append_slice(&body);
-    dsdt
+    Ok(dsdt)
 }
 
 /// Builds the hardware-reduced FADT pointing at the DSDT at `dsdt_addr`.
@@ -189,6 +238,7 @@ fn write_table<M: GuestMemoryBackend>(
 pub fn create_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,
     num_cpus: u8,
+    virtio_devices: &[VirtioMmioDevice],
 ) -> Result<GuestAddress, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
@@ -196,7 +246,7 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
     if num_cpus > MAX_VCPUS {
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
-    let dsdt = build_dsdt();
+    let dsdt = build_dsdt(virtio_devices)?;
     let dsdt_addr = ACPI_TABLES_START;
     let fadt_addr = align_up(dsdt_addr + dsdt.len() as u64);
     let fadt = build_fadt(dsdt_addr);
@@ -272,7 +322,7 @@ mod tests {
 
     fn walk(num_cpus: u8) -> Tables {
         let mem = guest_mem(32 << 20);
-        let rsdp_addr = create_acpi_tables(&mem, num_cpus).unwrap();
+        let rsdp_addr = create_acpi_tables(&mem, num_cpus, &[]).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(RSDP_START));
         let rsdp = read(&mem, RSDP_START, 36);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -348,12 +398,55 @@ mod tests {
     fn bad_cpu_counts_are_rejected() {
         let mem = guest_mem(32 << 20);
         assert!(matches!(
-            create_acpi_tables(&mem, 0),
+            create_acpi_tables(&mem, 0, &[]),
             Err(AcpiError::NoCpus)
         ));
         assert!(matches!(
-            create_acpi_tables(&mem, 255),
+            create_acpi_tables(&mem, 255, &[]),
             Err(AcpiError::TooManyCpus(255))
+        ));
+    }
+
+    #[test]
+    fn virtio_devices_are_described_in_the_dsdt() {
+        let mem = guest_mem(32 << 20);
+        let devices = [
+            VirtioMmioDevice {
+                addr: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioDevice {
+                addr: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        create_acpi_tables(&mem, 1, &devices).unwrap();
+        let mut header = [0u8; 8];
+        mem.read_slice(&mut header, GuestAddress(ACPI_TABLES_START))
+            .unwrap();
+        assert_eq!(&header[..4], b"DSDT");
+        let len = u32::from_le_bytes(header[4..8].try_into().unwrap()) as usize;
+        let mut dsdt = vec![0u8; len];
+        mem.read_slice(&mut dsdt, GuestAddress(ACPI_TABLES_START))
+            .unwrap();
+        assert_eq!(
+            dsdt.iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+            0,
+            "checksum"
+        );
+        let count = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(count, 2);
+        assert!(dsdt.windows(4).any(|w| w == b"V001"));
+        let too_high = [VirtioMmioDevice {
+            addr: 1 << 32,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        assert!(matches!(
+            create_acpi_tables(&mem, 1, &too_high),
+            Err(AcpiError::VirtioWindow(_))
         ));
     }
 }

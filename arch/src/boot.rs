@@ -12,7 +12,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
-use crate::acpi::{create_acpi_tables, AcpiError};
+use crate::acpi::{create_acpi_tables, AcpiError, VirtioMmioDevice};
 use crate::layout::{
     CMDLINE_MAX_SIZE, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, RSDP_START,
     ZERO_PAGE_START,
@@ -207,6 +207,8 @@ fn build_pvh_info(
 /// module and the memory map. For both, the MP table and the ACPI tables for `num_cpus`
 /// vCPUs. The command line itself must already be at `cmdline_addr` (`cmdline_size` bytes
 /// including the terminating NUL).
+// Each argument is a distinct piece of the boot contract; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn configure_system<M: GuestMemoryBackend>(
     mem: &M,
     cmdline_addr: GuestAddress,
@@ -215,6 +217,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
     num_cpus: u8,
     protocol: BootProtocol,
     setup_header: Option<setup_header>,
+    virtio_devices: &[VirtioMmioDevice],
 ) -> Result<(), BootError> {
     if num_cpus == 0 {
         return Err(BootError::NoCpus);
@@ -243,7 +246,7 @@ pub fn configure_system<M: GuestMemoryBackend>(
         }
     }
     setup_mptable(mem, num_cpus).map_err(BootError::Mptable)?;
-    create_acpi_tables(mem, num_cpus).map_err(BootError::Acpi)?;
+    create_acpi_tables(mem, num_cpus, virtio_devices).map_err(BootError::Acpi)?;
     Ok(())
 }
 
@@ -279,6 +282,7 @@ mod tests {
             2,
             protocol,
             hdr,
+            &[],
         )
         .unwrap();
     }
@@ -386,9 +390,9 @@ mod tests {
     fn bad_arguments_are_rejected() {
         let mem = guest_mem(MEM_SIZE);
         let cmdline = GuestAddress(CMDLINE_START);
-        let err = configure_system(&mem, cmdline, 1, None, 0, BootProtocol::Linux64, None);
+        let err = configure_system(&mem, cmdline, 1, None, 0, BootProtocol::Linux64, None, &[]);
         assert!(matches!(err, Err(BootError::NoCpus)));
-        let err = configure_system(&mem, cmdline, 4096, None, 1, BootProtocol::Pvh, None);
+        let err = configure_system(&mem, cmdline, 4096, None, 1, BootProtocol::Pvh, None, &[]);
         assert!(matches!(err, Err(BootError::CmdlineTooLong(4096))));
         let high = InitrdConfig {
             address: GuestAddress(1 << 32),
@@ -402,6 +406,7 @@ mod tests {
             1,
             BootProtocol::Linux64,
             None,
+            &[],
         );
         assert!(matches!(
             err,

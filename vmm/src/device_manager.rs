@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arch::acpi::VirtioMmioDevice;
 use arch::layout::{BOOT_TIMER_PORT, CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_KBD_IRQ, I8042_PORT};
 use arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_END, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use devices::legacy::{BootTimer, Cmos, SerialDevice, I8042};
@@ -70,6 +71,8 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// Virtio-mmio devices placed so far, as `virtio_mmio.device=` kernel parameters.
     pub virtio_cmdline: Vec<String>,
+    /// The same devices as the ACPI DSDT describes them.
+    pub virtio_acpi: Vec<VirtioMmioDevice>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -132,6 +135,7 @@ impl DeviceManager {
             serial_input_room_evt,
             reset_evt,
             virtio_cmdline: Vec::new(),
+            virtio_acpi: Vec::new(),
         })
     }
 
@@ -175,6 +179,11 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Bus(name, e))?;
         self.virtio_cmdline
             .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
+        self.virtio_acpi.push(VirtioMmioDevice {
+            addr,
+            len: VIRTIO_MMIO_SLOT_SIZE,
+            gsi: irq,
+        });
         tracing::debug!(device = name, addr, irq, "virtio-mmio device placed");
         Ok(())
     }

@@ -283,6 +283,7 @@ impl Vmm {
             config.vcpu_count,
             kernel.protocol,
             kernel.setup_header,
+            &devices.virtio_acpi,
         )
         .map_err(VmmError::Boot)?;
         tracing::debug!(
