@@ -221,5 +221,9 @@ fn hello_finds_the_virtio_devices_on_the_command_line() {
         cmdline.ends_with(" virtio_mmio.device=4K@0xd0000000:5"),
         "the device is announced the way Linux expects\n{run}"
     );
-    assert_eq!(tg.get("bootinfo").map(String::as_str), Some("valid"), "{run}");
+    assert_eq!(
+        tg.get("bootinfo").map(String::as_str),
+        Some("valid"),
+        "{run}"
+    );
 }
