@@ -133,12 +133,28 @@ def firecracker_cmd(fc, workdir, kernel, cmdline, cpus=1, mem_mib=128, initrd=No
             "--boot-timer"]
 
 
+FAILURES = {}
+
+
 def time_to_line(cmd, pattern):
+    """Spawn to the first line matching `pattern`; None (and a note) when the run fails."""
     t0 = now_us()
     proc = spawn(cmd)
-    t, _ = wait_for_line(proc, pattern)
+    try:
+        t, _ = wait_for_line(proc, pattern)
+    except RuntimeError:
+        _, err = finish(proc)
+        name = os.path.basename(cmd[0])
+        FAILURES[name] = FAILURES.get(name, 0) + 1
+        print(f"  ({name} run failed: {err.strip().splitlines()[-1:] if err.strip() else 'no output'})")
+        return None
     finish(proc)
     return t - t0
+
+
+def add(rows, name, value):
+    if value is not None:
+        rows[name].append(value)
 
 
 def bench_startup(args):
@@ -168,10 +184,10 @@ def bench_boot(args):
             if m:
                 rows["anvil-vmm (own boot timer)"].append(int(m.group(1)))
             if args.qemu:
-                rows["qemu microvm"].append(time_to_line(
+                add(rows, "qemu microvm", time_to_line(
                     qemu_cmd(args.qemu, TESTGUEST, "tg.run=hello"), r"^TG boot=ok"))
             if args.firecracker:
-                rows["firecracker"].append(time_to_line(
+                add(rows, "firecracker", time_to_line(
                     firecracker_cmd(args.firecracker, work, TESTGUEST, "tg.run=hello"),
                     r"^TG boot=ok"))
     report("Boot to guest: spawn to the test guest's boot-complete signal (hello, 1 vCPU, "
@@ -232,11 +248,11 @@ def bench_linux(args):
         for cpus in (1, 2):
             rows = {"anvil-vmm": [], "firecracker": []}
             for _ in range(args.runs):
-                rows["anvil-vmm"].append(time_to_line(
+                add(rows, "anvil-vmm", time_to_line(
                     anvil_cmd(vmlinux, cmdline, cpus=cpus, mem="256M", initrd=initrd),
                     r"anvil-guest: init ready"))
                 if args.firecracker:
-                    rows["firecracker"].append(time_to_line(
+                    add(rows, "firecracker", time_to_line(
                         firecracker_cmd(args.firecracker, work, vmlinux, cmdline, cpus=cpus,
                                         mem_mib=256, initrd=initrd),
                         r"anvil-guest: init ready"))
@@ -251,14 +267,22 @@ def main():
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--qemu", help="qemu-system-x86_64 binary for the peer run")
     parser.add_argument("--firecracker", help="firecracker binary for the peer run")
+    parser.add_argument("--anvil", help="anvil-vmm binary to measure (default: "
+                        "target/release/anvil-vmm; scripts/build-static.sh builds a static one)")
     args = parser.parse_args()
+    global ANVIL
+    if args.anvil:
+        ANVIL = os.path.abspath(args.anvil)
     for path in (ANVIL, TESTGUEST):
         if not os.path.exists(path):
             sys.exit(f"{path} is missing: run cargo build --release first")
+    print(f"# anvil-vmm binary: {ANVIL}")
     print(f"# {args.what}: commit {subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
           f"{os.uname().nodename}, {os.cpu_count()} CPUs, kvm_pvm={'yes' if os.path.isdir('/sys/module/kvm_pvm') else 'no'}")
     {"startup": bench_startup, "boot": bench_boot, "memory": bench_memory,
      "linux": bench_linux}[args.what](args)
+    if FAILURES:
+        print(f"failed runs (left out of the figures): {FAILURES}")
 
 
 if __name__ == "__main__":
