@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmm::config::{parse_mem_size_mib, validate_vcpu_count, DiskConfig, DEFAULT_CMDLINE};
+use vmm::config::{
+    parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, DEFAULT_CMDLINE,
+};
 use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
 
 /// Exit status when the guest reset or powered off.
@@ -108,6 +110,11 @@ struct BootArgs {
     /// root=/dev/vdX to the kernel command line, `id` names it (and is its serial).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
+
+    /// A virtio-net interface on an existing tap device: tap=NAME[,mac=MAC]. Repeatable; the
+    /// guest sees them in order. Without mac= a locally administered address is made up.
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
 }
 
 /// Prints `error` and its causes on one line.
@@ -169,6 +176,12 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
             .map(|(i, text)| DiskConfig::parse(text, i))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("invalid --disk: {e}"))?,
+        nets: args
+            .net
+            .iter()
+            .map(|text| NetConfig::parse(text))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("invalid --net: {e}"))?,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

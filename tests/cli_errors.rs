@@ -313,3 +313,20 @@ fn bad_disks_are_refused_before_the_guest_starts() {
     let run = boot(&["--kernel", &g, "--disk", &odd_disk], T);
     assert_error(&run, EXIT_ERROR, "is 1000 bytes, not a multiple of 512");
 }
+
+#[test]
+fn bad_network_interfaces_are_refused_before_the_guest_starts() {
+    let g = guest();
+    let run = boot(&["--kernel", &g, "--net", "tap=anvil-nosuch9"], T);
+    assert_error(
+        &run,
+        EXIT_ERROR,
+        "tap device \"anvil-nosuch9\" does not exist",
+    );
+    let run = boot(&["--kernel", &g, "--net", "tap=lo"], T);
+    assert_error(&run, EXIT_ERROR, "\"lo\" is not a tap device");
+    let run = boot(&["--kernel", &g, "--net", "tap=t0,mac=52:54:00:12:34"], T);
+    assert_error(&run, EXIT_USAGE, "bad MAC address");
+    let run = boot(&["--kernel", &g, "--net", "tap=t0", "--net", "tap=t0"], T);
+    assert_error(&run, EXIT_USAGE, "tap \"t0\" is used twice");
+}

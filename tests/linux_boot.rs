@@ -257,3 +257,77 @@ fn linux_boots_from_a_virtio_root_disk_with_rng() {
     );
     assert_eq!(run.status.code(), Some(0), "{run}");
 }
+
+/// A network namespace with one tap in it, deleted on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new(tag: &str, tap: &str, host_cidr: &str) -> Self {
+        let name = format!("anvil-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("run ip");
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["-n", &ns.name, "addr", "add", host_cidr, "dev", tap]);
+        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Linux talks to the host through virtio-net on a tap in a namespace of the test's own.
+#[test]
+fn linux_pings_the_host_over_virtio_net() {
+    if !linux_capable("linux_pings_the_host_over_virtio_net") {
+        return;
+    }
+    let ns = NetNs::new("net", "tap0", "10.0.0.1/24");
+    let dir = linux_guest_dir();
+    let cmdline = "console=ttyS0 reboot=k panic=-1 quiet ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off \
+                   anvil_cmd=\"cat /sys/class/net/eth0/address; ping -c 3 10.0.0.1; ping -c 2 -s 6000 10.0.0.1\"";
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(anvil_vmm())
+        .arg("boot")
+        .arg("--kernel")
+        .arg(dir.join("vmlinux"))
+        .arg("--initrd")
+        .arg(dir.join("initramfs.cpio.gz"))
+        .args([
+            "--cmdline",
+            cmdline,
+            "--net",
+            "tap=tap0,mac=52:54:00:12:34:56",
+        ]);
+    let run = common::run_with_deadline(cmd, BOOT_TIMEOUT);
+    let lines: Vec<&str> = run
+        .stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .collect();
+    assert!(
+        lines.contains(&"52:54:00:12:34:56"),
+        "the guest has the MAC we gave\n{run}"
+    );
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("packets transmitted") && l.contains(" 0% packet loss"))
+            .count(),
+        2,
+        "every ping, small and fragmented, is answered\n{run}"
+    );
+    assert_eq!(run.status.code(), Some(0), "{run}");
+}

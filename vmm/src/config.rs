@@ -47,6 +47,59 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
+}
+
+/// One virtio-net interface on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name of the tap device on the host (it must exist).
+    pub tap: String,
+    /// The guest's MAC address; a locally administered one is made up when absent.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=MAC]`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::NetSyntax {
+            text: text.to_string(),
+            why,
+        };
+        let mut tap = None;
+        let mut mac = None;
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => {
+                    let parsed =
+                        parse_mac(m).ok_or_else(|| bad(format!("bad MAC address {m:?}")))?;
+                    if parsed[0] & 1 != 0 {
+                        return Err(bad(format!("MAC address {m} is a multicast address")));
+                    }
+                    mac = Some(parsed);
+                }
+                _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| bad("tap=NAME is missing".into()))?;
+        Ok(Self { tap, mac })
+    }
 }
 
 /// One virtio-blk disk.
@@ -119,6 +172,7 @@ impl Default for VmConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             rng: false,
             disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -159,6 +213,20 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// A `--net` value cannot be parsed.
+    #[error("invalid network interface {text:?}: {why}")]
+    NetSyntax {
+        /// The value.
+        text: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Two interfaces use the same tap.
+    #[error("tap {0:?} is used twice")]
+    DuplicateTap(String),
+    /// Two interfaces have the same MAC address.
+    #[error("MAC address {0} is used twice")]
+    DuplicateMac(String),
     /// Two disks have the same ID.
     #[error("disk id {0:?} is used twice")]
     DuplicateDiskId(String),
@@ -260,7 +328,20 @@ impl VmConfig {
             return Err(ConfigError::SeveralRootDisks);
         }
         let max_devices = (arch::layout::IRQ_MAX - arch::layout::IRQ_BASE + 1) as usize;
-        if self.disks.len() + usize::from(self.rng) > max_devices {
+        let mut taps = std::collections::HashSet::new();
+        let mut macs = std::collections::HashSet::new();
+        for net in &self.nets {
+            if !taps.insert(net.tap.as_str()) {
+                return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            }
+            if let Some(mac) = net.mac {
+                if !macs.insert(mac) {
+                    let text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+                    return Err(ConfigError::DuplicateMac(text.join(":")));
+                }
+            }
+        }
+        if self.disks.len() + self.nets.len() + usize::from(self.rng) > max_devices {
             return Err(ConfigError::TooManyDevices(max_devices));
         }
         if let Some(pos) = self
@@ -369,6 +450,54 @@ mod tests {
                 "{bad:?} must be refused"
             );
         }
+    }
+
+    #[test]
+    fn network_interfaces_parse_and_are_checked() {
+        assert_eq!(
+            NetConfig::parse("tap=tap0,mac=52:54:00:AA:bb:01"),
+            Ok(NetConfig {
+                tap: "tap0".into(),
+                mac: Some([0x52, 0x54, 0, 0xaa, 0xbb, 1])
+            })
+        );
+        assert_eq!(NetConfig::parse("tap=t").map(|n| n.mac), Ok(None));
+        for bad in [
+            "",
+            "tap=",
+            "mac=52:54:00:aa:bb:01",
+            "tap=t,mac=52:54:00:aa:bb",
+            "tap=t,mac=52:54:00:aa:bb:01:02",
+            "tap=t,mac=5254.00aa.bb01",
+            "tap=t,mac=zz:54:00:aa:bb:01",
+            "tap=t,mac=01:00:5e:00:00:01",
+            "tap=t,x=1",
+        ] {
+            assert!(
+                matches!(NetConfig::parse(bad), Err(ConfigError::NetSyntax { .. })),
+                "{bad:?} must be refused"
+            );
+        }
+        let net = |tap: &str, mac: Option<[u8; 6]>| NetConfig {
+            tap: tap.into(),
+            mac,
+        };
+        let mut config = VmConfig {
+            nets: vec![net("a", None), net("a", None)],
+            ..VmConfig::default()
+        };
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::DuplicateTap("a".into()))
+        );
+        config.nets = vec![
+            net("a", Some([2, 0, 0, 0, 0, 1])),
+            net("b", Some([2, 0, 0, 0, 0, 1])),
+        ];
+        assert!(matches!(
+            config.validate(),
+            Err(ConfigError::DuplicateMac(_))
+        ));
     }
 
     #[test]

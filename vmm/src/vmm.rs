@@ -9,6 +9,7 @@ use arch::boot::BootProtocol;
 use arch::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use arch::template::CpuTemplate;
 use devices::virtio::block::{Block, BlockError};
+use devices::virtio::net::{Net, Tap, TapError};
 use devices::virtio::rng::Rng;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -95,6 +96,9 @@ pub enum VmmError {
     /// A disk cannot be opened.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A tap cannot be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -135,6 +139,19 @@ pub struct Vmm {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+}
+
+/// A locally administered unicast MAC address for interface `index` of this VMM process.
+fn default_mac(index: usize) -> [u8; 6] {
+    let pid = std::process::id().to_be_bytes();
+    [
+        0x06,
+        0x00,
+        pid[1],
+        pid[2],
+        pid[3],
+        u8::try_from(index).unwrap_or(0),
+    ]
 }
 
 fn vcpu_error<E: std::error::Error + Send + Sync + 'static>(
@@ -268,6 +285,16 @@ impl Vmm {
                 let mode = if disk.read_only { "ro" } else { "rw" };
                 cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
             }
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let tap = Tap::open(&net.tap)?;
+            let mac = net.mac.unwrap_or_else(|| default_mac(index));
+            devices.add_virtio_device(
+                vm,
+                guest_memory,
+                "virtio-net",
+                Box::new(Net::new(tap, mac, index)),
+            )?;
         }
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in &devices.virtio_cmdline {

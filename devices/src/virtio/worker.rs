@@ -12,6 +12,14 @@ pub(crate) trait QueueHandler: Send + 'static {
     /// Processes everything available on queue `index`. An error means the device is broken
     /// (the guest corrupted its queues): the worker stops.
     fn process_queue(&mut self, index: usize) -> Result<(), String>;
+    /// Host file descriptors (besides the queues) the worker watches for input, such as a tap;
+    /// their position in this list is the `index` given to `process_fd`.
+    fn watched_fds(&self) -> Vec<std::os::fd::RawFd>;
+    /// Handles input on watched fd `index`.
+    fn process_fd(&mut self, index: usize) -> Result<(), String>;
+    /// Whether watched fd `index` should be polled now (a device with nowhere to put input
+    /// stops watching until the guest gives it buffers).
+    fn wants_fd(&self, index: usize) -> bool;
     /// Called once when the worker stops because of an error.
     fn failed(&mut self, why: &str);
 }
@@ -46,10 +54,48 @@ impl Worker {
                 EpollEvent::new(EventSet::IN, index as u64),
             )?;
         }
+        let extra = handler.watched_fds();
+        let extra_base = queue_evts.len();
+        let mut watching = Vec::with_capacity(extra.len());
+        for (i, fd) in extra.iter().enumerate() {
+            let want = handler.wants_fd(i);
+            let events = if want {
+                EventSet::IN
+            } else {
+                EventSet::empty()
+            };
+            epoll.ctl(
+                ControlOperation::Add,
+                *fd,
+                EpollEvent::new(events, (extra_base + i) as u64),
+            )?;
+            watching.push(want);
+        }
         let stop_clone = stop.try_clone()?;
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             // The eventfds must outlive the epoll registration.
             let _keep = (&queue_evts, &stop_clone);
+            let refresh = |handler: &H, watching: &mut Vec<bool>| -> Result<(), String> {
+                for (i, fd) in extra.iter().enumerate() {
+                    let want = handler.wants_fd(i);
+                    if want != watching[i] {
+                        let events = if want {
+                            EventSet::IN
+                        } else {
+                            EventSet::empty()
+                        };
+                        epoll
+                            .ctl(
+                                ControlOperation::Modify,
+                                *fd,
+                                EpollEvent::new(events, (extra_base + i) as u64),
+                            )
+                            .map_err(|e| format!("cannot watch a device fd: {e}"))?;
+                        watching[i] = want;
+                    }
+                }
+                Ok(())
+            };
             // Queues may already hold buffers the driver made available before activation.
             for index in 0..queue_evts.len() {
                 if let Err(why) = handler.process_queue(index) {
@@ -57,8 +103,12 @@ impl Worker {
                     return;
                 }
             }
-            let mut events = vec![EpollEvent::default(); queue_evts.len() + 1];
+            let mut events = vec![EpollEvent::default(); queue_evts.len() + extra.len() + 1];
             loop {
+                if let Err(why) = refresh(&handler, &mut watching) {
+                    handler.failed(&why);
+                    return;
+                }
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -72,15 +122,19 @@ impl Worker {
                     if token == STOP_TOKEN {
                         return;
                     }
-                    let Some((index, evt)) = usize::try_from(token)
-                        .ok()
-                        .and_then(|i| Some((i, queue_evts.get(i)?)))
-                    else {
+                    let Ok(index) = usize::try_from(token) else {
                         continue;
                     };
-                    // Drain the counter; everything available is processed below.
-                    let _ = evt.read();
-                    if let Err(why) = handler.process_queue(index) {
+                    let result = if let Some(evt) = queue_evts.get(index) {
+                        // Drain the counter; everything available is processed below.
+                        let _ = evt.read();
+                        handler.process_queue(index)
+                    } else if index - extra_base < extra.len() {
+                        handler.process_fd(index - extra_base)
+                    } else {
+                        Ok(())
+                    };
+                    if let Err(why) = result {
                         handler.failed(&why);
                         return;
                     }

@@ -161,6 +161,18 @@ impl QueueHandler for BlockHandler {
         Ok(())
     }
 
+    fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
+    fn process_fd(&mut self, index: usize) -> Result<(), String> {
+        Err(format!("no host fd {index} is watched"))
+    }
+
+    fn wants_fd(&self, _index: usize) -> bool {
+        false
+    }
+
     fn failed(&mut self, why: &str) {
         tracing::warn!("virtio-blk stopped: {why}");
         self.interrupt.signal_needs_reset();

@@ -1,0 +1,354 @@
+//! virtio-net (virtio 1.2, 5.1) over a tap: a receive queue fed from the tap and a transmit
+//! queue written to it, the 12-byte virtio-net header passed through (the tap speaks it), and
+//! checksum/TSO offloads offered when the tap supports them.
+
+pub mod tap;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemoryMmap;
+
+pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::worker::{QueueHandler, Worker};
+use super::QUEUE_MAX_SIZE;
+use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+
+/// Largest frame the device moves: a 64 KiB TSO segment, its Ethernet header and the
+/// virtio-net header.
+pub const MAX_FRAME_LEN: usize = 65535 + 14 + VNET_HDR_LEN;
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+/// Offset of `num_buffers` in the virtio-net header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+
+/// Offload features offered when the tap takes TUN_F_CSUM|TSO4|TSO6.
+const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << VIRTIO_NET_F_HOST_TSO4)
+    | (1 << VIRTIO_NET_F_HOST_TSO6);
+
+/// Counters of a network device.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_frames: std::sync::atomic::AtomicU64,
+    /// Frames sent by the guest.
+    pub tx_frames: std::sync::atomic::AtomicU64,
+    /// Frames dropped (too large for the guest's buffer, malformed, or the tap refused them).
+    pub dropped: std::sync::atomic::AtomicU64,
+}
+
+/// A virtio network device.
+#[derive(Debug)]
+pub struct Net {
+    tap: Arc<Mutex<Tap>>,
+    config: [u8; 6],
+    features: u64,
+    index: usize,
+    metrics: Arc<NetMetrics>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A device on `tap` with the guest MAC address `mac`; `index` names the worker thread.
+    pub fn new(tap: Tap, mac: [u8; 6], index: usize) -> Self {
+        let mut features = 1u64 << VIRTIO_NET_F_MAC;
+        let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        if tap.set_offload(offloads).is_ok() {
+            features |= OFFLOAD_FEATURES;
+        }
+        // Nothing is offloaded until the guest accepts it.
+        if let Err(e) = tap.set_offload(0) {
+            tracing::warn!("tap {}: cannot clear offloads: {e}", tap.name());
+        }
+        Self {
+            tap: Arc::new(Mutex::new(tap)),
+            config: mac,
+            features,
+            index,
+            metrics: Arc::new(NetMetrics::default()),
+            worker: None,
+        }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+}
+
+/// The tap offloads matching what the guest accepted to receive.
+fn tun_offloads(acked: u64) -> libc::c_uint {
+    let has = |bit: u32| acked & (1 << bit) != 0;
+    let mut flags = 0;
+    if has(VIRTIO_NET_F_GUEST_CSUM) {
+        flags |= libc::TUN_F_CSUM;
+        if has(VIRTIO_NET_F_GUEST_TSO4) {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if has(VIRTIO_NET_F_GUEST_TSO6) {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+struct NetHandler {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Interrupt,
+    tap: Arc<Mutex<Tap>>,
+    tap_fd: RawFd,
+    metrics: Arc<NetMetrics>,
+    frame: Vec<u8>,
+    /// Length of a frame read from the tap that no receive buffer has taken yet.
+    pending: Option<usize>,
+    /// The guest may have receive buffers (false after the queue was found empty).
+    rx_buffers: bool,
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl NetHandler {
+    fn tap(&self) -> std::sync::MutexGuard<'_, Tap> {
+        self.tap.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends every chain on the transmit queue to the tap.
+    fn transmit(&mut self) -> Result<(), String> {
+        let mem = self.mem.clone();
+        let mut used_any = false;
+        while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            match Reader::new(&mem, chain) {
+                Ok(mut reader) => {
+                    let len = reader.available_bytes();
+                    if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
+                        count(&self.metrics.dropped);
+                    } else if reader.read_exact(&mut self.frame[..len]).is_ok() {
+                        let sent = self.tap().write_frame(&self.frame[..len]);
+                        match sent {
+                            Ok(_) => count(&self.metrics.tx_frames),
+                            Err(e) => {
+                                tracing::debug!("virtio-net: tap write failed: {e}");
+                                count(&self.metrics.dropped);
+                            }
+                        }
+                    } else {
+                        count(&self.metrics.dropped);
+                    }
+                }
+                Err(_) => count(&self.metrics.dropped),
+            }
+            self.tx
+                .add_used(&mem, head, 0)
+                .map_err(|e| format!("cannot return a transmit buffer: {e}"))?;
+            used_any = true;
+        }
+        if used_any {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self) -> Result<(), String> {
+        let mem = self.mem.clone();
+        let mut used_any = false;
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => {
+                    let read = {
+                        let mut tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+                        tap.read_frame(&mut self.frame)
+                    };
+                    match read {
+                        Ok(len) if len >= VNET_HDR_LEN => len,
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(format!("tap read failed: {e}")),
+                    }
+                }
+            };
+            let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
+                // Keep the frame until the guest posts buffers; stop watching the tap.
+                self.pending = Some(len);
+                self.rx_buffers = false;
+                break;
+            };
+            self.pending = None;
+            let head = chain.head_index();
+            // VERSION_1 without mergeable buffers: one buffer per frame, num_buffers = 1.
+            self.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+            let written = match Writer::new(&mem, chain) {
+                Ok(mut writer) if writer.available_bytes() >= len => {
+                    match writer.write_all(&self.frame[..len]) {
+                        Ok(()) => {
+                            count(&self.metrics.rx_frames);
+                            len
+                        }
+                        Err(_) => {
+                            count(&self.metrics.dropped);
+                            0
+                        }
+                    }
+                }
+                _ => {
+                    // Too small or outside guest memory: the frame is lost, the buffer returned.
+                    count(&self.metrics.dropped);
+                    0
+                }
+            };
+            let written = u32::try_from(written).unwrap_or(0);
+            self.rx
+                .add_used(&mem, head, written)
+                .map_err(|e| format!("cannot return a receive buffer: {e}"))?;
+            used_any = true;
+        }
+        if used_any {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+impl QueueHandler for NetHandler {
+    fn process_queue(&mut self, index: usize) -> Result<(), String> {
+        match index {
+            RX_QUEUE => {
+                self.rx_buffers = true;
+                self.receive()
+            }
+            TX_QUEUE => self.transmit(),
+            _ => Ok(()),
+        }
+    }
+
+    fn watched_fds(&self) -> Vec<RawFd> {
+        vec![self.tap_fd]
+    }
+
+    fn process_fd(&mut self, _index: usize) -> Result<(), String> {
+        self.receive()
+    }
+
+    fn wants_fd(&self, _index: usize) -> bool {
+        self.rx_buffers
+    }
+
+    fn failed(&mut self, why: &str) {
+        tracing::warn!("virtio-net stopped: {why}");
+        self.interrupt.signal_needs_reset();
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_MAX_SIZE, QUEUE_MAX_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-net: write to configuration offset {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let got = ctx.queues.len();
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rx), Some(tx), 2) = (queues.next(), queues.next(), got) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let tap_fd = {
+            let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = tap.set_offload(tun_offloads(ctx.acked_features)) {
+                tracing::warn!("virtio-net: {e}");
+            }
+            tap.as_raw_fd()
+        };
+        let handler = NetHandler {
+            mem: ctx.mem,
+            rx,
+            tx,
+            interrupt: ctx.interrupt,
+            tap: self.tap.clone(),
+            tap_fd,
+            metrics: self.metrics.clone(),
+            frame: vec![0; MAX_FRAME_LEN],
+            pending: None,
+            rx_buffers: true,
+        };
+        let worker = Worker::spawn(format!("anvil-net{}", self.index), ctx.queue_evts, handler)
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+        let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = tap.set_offload(0) {
+            tracing::warn!("virtio-net: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_follow_the_guest_features() {
+        assert_eq!(tun_offloads(0), 0);
+        assert_eq!(
+            tun_offloads(1 << VIRTIO_NET_F_GUEST_TSO4),
+            0,
+            "TSO needs checksum offload"
+        );
+        assert_eq!(
+            tun_offloads(OFFLOAD_FEATURES),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+    }
+
+    #[test]
+    fn missing_and_non_tap_interfaces_are_refused() {
+        assert!(matches!(
+            Tap::open("anvil-nosuch0"),
+            Err(TapError::Missing(_))
+        ));
+        assert!(matches!(Tap::open("lo"), Err(TapError::NotATap(_))));
+        assert!(matches!(Tap::open("a/b"), Err(TapError::BadName(_))));
+        assert!(matches!(
+            Tap::open(&"x".repeat(20)),
+            Err(TapError::BadName(_))
+        ));
+    }
+}
