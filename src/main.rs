@@ -105,14 +105,19 @@ struct BootArgs {
     #[arg(long)]
     rng: bool,
 
-    /// A virtio-blk disk backed by a raw image: path=PATH[,ro][,root][,id=ID]. Repeatable;
-    /// the guest sees them in order as vda, vdb, ... `ro` makes it read-only, `root` adds
-    /// root=/dev/vdX to the kernel command line, `id` names it (and is its serial).
+    /// A virtio-blk disk backed by a raw image:
+    /// path=PATH[,ro][,root][,id=ID][,bw=SIZE:REFILL_MS[:BURST]][,ops=N:REFILL_MS[:BURST]].
+    /// Repeatable; the guest sees them in order as vda, vdb, ... `ro` makes it read-only,
+    /// `root` adds root=/dev/vdX to the kernel command line, `id` names it (and is its serial),
+    /// `bw` and `ops` are token buckets (bytes or requests per refill time, with an optional
+    /// one-time burst; SIZE takes K, M, G).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
 
-    /// A virtio-net interface on an existing tap device: tap=NAME[,mac=MAC]. Repeatable; the
-    /// guest sees them in order. Without mac= a locally administered address is made up.
+    /// A virtio-net interface on an existing tap device:
+    /// tap=NAME[,mac=MAC][,rx_bw=..][,rx_ops=..][,tx_bw=..][,tx_ops=..]. Repeatable; the guest
+    /// sees them in order. Without mac= a locally administered address is made up. The rate
+    /// limits are token buckets SIZE:REFILL_MS[:BURST] on received/sent bytes and frames.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
 }

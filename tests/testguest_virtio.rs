@@ -221,3 +221,52 @@ fn irq_from_virtio_rng_used_buffers() {
     run.assert_pass();
     assert_tg(&run, "irq_count", "16");
 }
+
+/// A bandwidth limit slows the guest's disk traffic to the configured rate, and the data still
+/// arrive intact. (A lower bound only: the limiter guarantees the guest cannot go faster.)
+#[test]
+fn blk_bandwidth_limit_holds_the_guest_to_its_rate() {
+    if !kvm_available("blk_bandwidth_limit_holds_the_guest_to_its_rate") {
+        return;
+    }
+    let dir = TempDir::new("tg-blk-rate");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 2 * MIB]).unwrap();
+    // 1 MiB bucket refilled every 500 ms: 2 MiB/s after the first full bucket.
+    let spec = format!("path={},bw=1M:500", disk.display());
+    let run = boot_testguest("tg.run=blk tg.seed=3", &["--disk", &spec]);
+    run.assert_pass();
+    assert_tg(&run, "blk_verify", "ok");
+    let us = |key: &str| -> u64 { run.tg().get(key).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    let moved_us = us("blk_write_us") + us("blk_read_us");
+    // 4 MiB of data (2 written, 2 read back) less the first 1 MiB bucket: at least 1.5 s.
+    assert!(
+        moved_us >= 1_400_000,
+        "4 MiB moved in {moved_us} us, faster than the 2 MiB/s limit allows\n{run}"
+    );
+    assert_eq!(
+        first_difference(&std::fs::read(&disk).unwrap(), &blk_pattern(3, 2 * MIB)),
+        None
+    );
+}
+
+/// An operations limit also holds, and a malformed limit is refused before boot.
+#[test]
+fn blk_ops_limit_holds_the_guest_to_its_rate() {
+    if !kvm_available("blk_ops_limit_holds_the_guest_to_its_rate") {
+        return;
+    }
+    let dir = TempDir::new("tg-blk-ops");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; MIB]).unwrap();
+    // 1 MiB in 256 KiB requests: 4 writes, 4 reads and a few more; 4 operations per 200 ms.
+    let spec = format!("path={},ops=4:200", disk.display());
+    let run = boot_testguest("tg.run=blk tg.blk_req_kib=256", &["--disk", &spec]);
+    run.assert_pass();
+    let us = |key: &str| -> u64 { run.tg().get(key).and_then(|v| v.parse().ok()).unwrap_or(0) };
+    assert!(us("blk_write_us") + us("blk_read_us") >= 150_000, "{run}");
+    let bad = format!("path={},ops=4", disk.display());
+    let run = boot_testguest("tg.run=blk", &["--disk", &bad]);
+    assert_eq!(run.status.code(), Some(2), "{run}");
+    assert!(run.stderr.contains("bad rate limit \"4\""), "{run}");
+}

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use arch::layout::MAX_VCPUS;
+use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// The kernel command line used when the user gives none: a serial console, reset through
 /// the i8042 on reboot, reboot at once on panic, and no time spent probing hardware a microVM
@@ -58,6 +59,10 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; a locally administered one is made up when absent.
     pub mac: Option<[u8; 6]>,
+    /// Limits on what the guest receives.
+    pub rx_rate: RateLimiterConfig,
+    /// Limits on what the guest sends.
+    pub tx_rate: RateLimiterConfig,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -83,9 +88,22 @@ impl NetConfig {
         };
         let mut tap = None;
         let mut mac = None;
+        let mut rx_rate = RateLimiterConfig::default();
+        let mut tx_rate = RateLimiterConfig::default();
+        let bucket = |value: &str| {
+            parse_bucket(value).ok_or_else(|| {
+                bad(format!(
+                    "bad rate limit {value:?}: expected SIZE:REFILL_MS[:BURST]"
+                ))
+            })
+        };
         for part in text.split(',') {
             match part.split_once('=') {
                 Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("rx_bw", b)) => rx_rate.bandwidth = bucket(b)?,
+                Some(("rx_ops", b)) => rx_rate.ops = bucket(b)?,
+                Some(("tx_bw", b)) => tx_rate.bandwidth = bucket(b)?,
+                Some(("tx_ops", b)) => tx_rate.ops = bucket(b)?,
                 Some(("mac", m)) => {
                     let parsed =
                         parse_mac(m).ok_or_else(|| bad(format!("bad MAC address {m:?}")))?;
@@ -98,7 +116,12 @@ impl NetConfig {
             }
         }
         let tap = tap.ok_or_else(|| bad("tap=NAME is missing".into()))?;
-        Ok(Self { tap, mac })
+        Ok(Self {
+            tap,
+            mac,
+            rx_rate,
+            tx_rate,
+        })
     }
 }
 
@@ -113,6 +136,37 @@ pub struct DiskConfig {
     pub root: bool,
     /// Name of the disk; also the serial the guest reads with GET_ID (first 20 bytes).
     pub id: String,
+    /// Limits on the disk's bandwidth and operations.
+    pub rate_limit: RateLimiterConfig,
+}
+
+/// Parses a token bucket `SIZE:REFILL_MS[:BURST]`; SIZE and BURST take K, M and G suffixes
+/// (powers of 1024).
+pub fn parse_bucket(text: &str) -> Option<TokenBucketConfig> {
+    let number = |t: &str| -> Option<u64> {
+        let (digits, mult) = match t.char_indices().last()? {
+            (i, 'K' | 'k') => (&t[..i], 1u64 << 10),
+            (i, 'M' | 'm') => (&t[..i], 1 << 20),
+            (i, 'G' | 'g') => (&t[..i], 1 << 30),
+            _ => (t, 1),
+        };
+        digits.parse::<u64>().ok()?.checked_mul(mult)
+    };
+    let mut parts = text.split(':');
+    let size = number(parts.next()?)?;
+    let refill_time_ms = parts.next()?.parse().ok()?;
+    let one_time_burst = match parts.next() {
+        Some(b) => number(b)?,
+        None => 0,
+    };
+    if parts.next().is_some() || size == 0 || refill_time_ms == 0 {
+        return None;
+    }
+    Some(TokenBucketConfig {
+        size,
+        one_time_burst,
+        refill_time_ms,
+    })
 }
 
 /// Longest disk ID accepted.
@@ -129,10 +183,20 @@ impl DiskConfig {
         let mut read_only = false;
         let mut root = false;
         let mut id = None;
+        let mut rate_limit = RateLimiterConfig::default();
+        let bucket = |value: &str| {
+            parse_bucket(value).ok_or_else(|| {
+                bad(format!(
+                    "bad rate limit {value:?}: expected SIZE:REFILL_MS[:BURST]"
+                ))
+            })
+        };
         for part in text.split(',') {
             match part.split_once('=') {
                 Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
                 Some(("id", i)) => id = Some(i.to_string()),
+                Some(("bw", b)) => rate_limit.bandwidth = bucket(b)?,
+                Some(("ops", b)) => rate_limit.ops = bucket(b)?,
                 None if part == "ro" => read_only = true,
                 None if part == "root" => root = true,
                 _ => return Err(bad(format!("unknown or empty option {part:?}"))),
@@ -155,6 +219,7 @@ impl DiskConfig {
             read_only,
             root,
             id,
+            rate_limit,
         })
     }
 }
@@ -426,7 +491,8 @@ mod tests {
                 path: "/a.img".into(),
                 read_only: true,
                 root: true,
-                id: "sys".into()
+                id: "sys".into(),
+                rate_limit: RateLimiterConfig::default(),
             })
         );
         assert_eq!(
@@ -458,7 +524,9 @@ mod tests {
             NetConfig::parse("tap=tap0,mac=52:54:00:AA:bb:01"),
             Ok(NetConfig {
                 tap: "tap0".into(),
-                mac: Some([0x52, 0x54, 0, 0xaa, 0xbb, 1])
+                mac: Some([0x52, 0x54, 0, 0xaa, 0xbb, 1]),
+                rx_rate: RateLimiterConfig::default(),
+                tx_rate: RateLimiterConfig::default(),
             })
         );
         assert_eq!(NetConfig::parse("tap=t").map(|n| n.mac), Ok(None));
@@ -481,6 +549,8 @@ mod tests {
         let net = |tap: &str, mac: Option<[u8; 6]>| NetConfig {
             tap: tap.into(),
             mac,
+            rx_rate: RateLimiterConfig::default(),
+            tx_rate: RateLimiterConfig::default(),
         };
         let mut config = VmConfig {
             nets: vec![net("a", None), net("a", None)],
@@ -501,12 +571,44 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_parse_as_token_buckets() {
+        let bucket = |size, refill_time_ms, one_time_burst| TokenBucketConfig {
+            size,
+            one_time_burst,
+            refill_time_ms,
+        };
+        assert_eq!(parse_bucket("1M:1000"), Some(bucket(1 << 20, 1000, 0)));
+        assert_eq!(parse_bucket("100:10:4K"), Some(bucket(100, 10, 4096)));
+        for bad in [
+            "",
+            "1M",
+            "0:100",
+            "1M:0",
+            "x:1",
+            "1M:1:2:3",
+            "1T:1",
+            "99999999999999999999G:1",
+        ] {
+            assert_eq!(parse_bucket(bad), None, "{bad:?}");
+        }
+        let disk = DiskConfig::parse("path=/d,bw=4M:1000:8M,ops=100:1000", 0).unwrap();
+        assert_eq!(disk.rate_limit.bandwidth, bucket(4 << 20, 1000, 8 << 20));
+        assert_eq!(disk.rate_limit.ops, bucket(100, 1000, 0));
+        assert!(DiskConfig::parse("path=/d,bw=4M", 0).is_err());
+        let net = NetConfig::parse("tap=t,rx_bw=1M:100,tx_ops=10:1000").unwrap();
+        assert_eq!(net.rx_rate.bandwidth, bucket(1 << 20, 100, 0));
+        assert_eq!(net.tx_rate.ops, bucket(10, 1000, 0));
+        assert!(net.rx_rate.ops.size == 0 && net.tx_rate.bandwidth.size == 0);
+    }
+
+    #[test]
     fn disk_ids_and_roots_are_unique() {
         let disk = |id: &str, root: bool| DiskConfig {
             path: "/x".into(),
             read_only: false,
             root,
             id: id.into(),
+            rate_limit: RateLimiterConfig::default(),
         };
         let mut config = VmConfig {
             disks: vec![disk("a", true), disk("a", false)],

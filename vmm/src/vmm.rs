@@ -277,7 +277,8 @@ impl Vmm {
         }
         let mut cmdline = config.cmdline.clone();
         for (index, disk) in config.disks.iter().enumerate() {
-            let block = Block::open(&disk.path, disk.read_only, &disk.id, index)?;
+            let block =
+                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -289,12 +290,8 @@ impl Vmm {
         for (index, net) in config.nets.iter().enumerate() {
             let tap = Tap::open(&net.tap)?;
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
-            devices.add_virtio_device(
-                vm,
-                guest_memory,
-                "virtio-net",
-                Box::new(Net::new(tap, mac, index)),
-            )?;
+            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in &devices.virtio_cmdline {

@@ -4,18 +4,20 @@
 pub mod request;
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
 /// Errors of opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,7 @@ pub struct Block {
     config: [u8; 8],
     features: u64,
     index: usize,
+    rate_limit: RateLimiterConfig,
     worker: Option<Worker>,
 }
 
@@ -53,6 +56,17 @@ impl Block {
     /// Opens the raw image at `path` (read-only when `read_only`); `id` is what GET_ID
     /// returns, `index` names the worker thread.
     pub fn open(path: &Path, read_only: bool, id: &str, index: usize) -> Result<Self, BlockError> {
+        Self::open_limited(path, read_only, id, index, RateLimiterConfig::default())
+    }
+
+    /// Like [`Block::open`], with requests limited by `rate_limit` (bytes and operations).
+    pub fn open_limited(
+        path: &Path,
+        read_only: bool,
+        id: &str,
+        index: usize,
+        rate_limit: RateLimiterConfig,
+    ) -> Result<Self, BlockError> {
         let file: File = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -89,6 +103,7 @@ impl Block {
             config: (len / SECTOR_SIZE).to_le_bytes(),
             features,
             index,
+            rate_limit,
             worker: None,
         })
     }
@@ -100,12 +115,21 @@ struct BlockHandler {
     interrupt: Interrupt,
     disk: Arc<Mutex<Disk>>,
     bounce: Vec<u8>,
+    throttle: Option<Throttle>,
+}
+
+/// What became of a request.
+enum Outcome {
+    /// Done; the used length to report.
+    Used(u32),
+    /// The rate limiter refused it; it goes back on the queue.
+    Throttled,
 }
 
 impl BlockHandler {
     /// Runs one request; returns the used length (data written plus the status byte), or 0
     /// when the chain has no room for a status byte.
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Outcome {
         let (mut reader, mut writer) = match (
             Reader::new(&self.mem, chain.clone()),
             Writer::new(&self.mem, chain),
@@ -113,16 +137,23 @@ impl BlockHandler {
             (Ok(r), Ok(w)) => (r, w),
             _ => {
                 tracing::debug!("virtio-blk: chain outside guest memory");
-                return 0;
+                return Outcome::Used(0);
             }
         };
         let writable = writer.available_bytes();
         if writable == 0 {
             tracing::debug!("virtio-blk: request without a status byte");
-            return 0;
+            return Outcome::Used(0);
+        }
+        if let Some(throttle) = &mut self.throttle {
+            // Data bytes: everything but the 16-byte header and the status byte.
+            let bytes = (reader.available_bytes().saturating_sub(16) + writable - 1) as u64;
+            if !throttle.admit(bytes) {
+                return Outcome::Throttled;
+            }
         }
         let Ok(mut status_writer) = writer.split_at(writable - 1) else {
-            return 0;
+            return Outcome::Used(0);
         };
         let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let (status, written) =
@@ -137,9 +168,9 @@ impl BlockHandler {
             };
         drop(disk);
         if status_writer.write_obj(status).is_err() {
-            return 0;
+            return Outcome::Used(0);
         }
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        Outcome::Used(u32::try_from(written + 1).unwrap_or(u32::MAX))
     }
 }
 
@@ -149,7 +180,14 @@ impl QueueHandler for BlockHandler {
         let mut used_any = false;
         while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
-            let len = self.handle(chain);
+            let len = match self.handle(chain) {
+                Outcome::Used(len) => len,
+                Outcome::Throttled => {
+                    // Retried when the rate limiter's timer fires.
+                    self.queue.go_to_previous_position();
+                    break;
+                }
+            };
             self.queue
                 .add_used(&mem, head, len)
                 .map_err(|e| format!("cannot return a used buffer: {e}"))?;
@@ -162,15 +200,18 @@ impl QueueHandler for BlockHandler {
     }
 
     fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {
-        Vec::new()
+        self.throttle.iter().map(|t| t.as_raw_fd()).collect()
     }
 
-    fn process_fd(&mut self, index: usize) -> Result<(), String> {
-        Err(format!("no host fd {index} is watched"))
+    fn process_fd(&mut self, _index: usize) -> Result<(), String> {
+        if let Some(throttle) = &mut self.throttle {
+            throttle.on_timer();
+        }
+        self.process_queue(0)
     }
 
     fn wants_fd(&self, _index: usize) -> bool {
-        false
+        true
     }
 
     fn failed(&mut self, why: &str) {
@@ -211,6 +252,11 @@ impl VirtioDevice for Block {
             interrupt: ctx.interrupt,
             disk: self.disk.clone(),
             bounce: Vec::new(),
+            throttle: if self.rate_limit.is_unlimited() {
+                None
+            } else {
+                Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?)
+            },
         };
         let worker = Worker::spawn(format!("anvil-blk{}", self.index), ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;

@@ -13,13 +13,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
 /// Largest frame the device moves: a 64 KiB TSO segment, its Ethernet header and the
 /// virtio-net header.
@@ -56,12 +57,32 @@ pub struct Net {
     features: u64,
     index: usize,
     metrics: Arc<NetMetrics>,
+    rx_rate: RateLimiterConfig,
+    tx_rate: RateLimiterConfig,
     worker: Option<Worker>,
 }
 
 impl Net {
     /// A device on `tap` with the guest MAC address `mac`; `index` names the worker thread.
     pub fn new(tap: Tap, mac: [u8; 6], index: usize) -> Self {
+        Self::new_limited(
+            tap,
+            mac,
+            index,
+            RateLimiterConfig::default(),
+            RateLimiterConfig::default(),
+        )
+    }
+
+    /// Like [`Net::new`], with received and transmitted frames limited by `rx_rate` and
+    /// `tx_rate`.
+    pub fn new_limited(
+        tap: Tap,
+        mac: [u8; 6],
+        index: usize,
+        rx_rate: RateLimiterConfig,
+        tx_rate: RateLimiterConfig,
+    ) -> Self {
         let mut features = 1u64 << VIRTIO_NET_F_MAC;
         let offloads = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
         if tap.set_offload(offloads).is_ok() {
@@ -77,6 +98,8 @@ impl Net {
             features,
             index,
             metrics: Arc::new(NetMetrics::default()),
+            rx_rate,
+            tx_rate,
             worker: None,
         }
     }
@@ -116,6 +139,25 @@ struct NetHandler {
     pending: Option<usize>,
     /// The guest may have receive buffers (false after the queue was found empty).
     rx_buffers: bool,
+    rx_throttle: Option<Throttle>,
+    tx_throttle: Option<Throttle>,
+}
+
+/// The host fds a network device's worker watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchedFd {
+    Tap,
+    RxTimer,
+    TxTimer,
+}
+
+fn throttle(config: RateLimiterConfig) -> Result<Option<Throttle>, ActivateError> {
+    if config.is_unlimited() {
+        return Ok(None);
+    }
+    Throttle::new(config)
+        .map(Some)
+        .map_err(ActivateError::Worker)
 }
 
 fn count(counter: &std::sync::atomic::AtomicU64) {
@@ -136,6 +178,14 @@ impl NetHandler {
             match Reader::new(&mem, chain) {
                 Ok(mut reader) => {
                     let len = reader.available_bytes();
+                    let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
+                    if let Some(t) = &mut self.tx_throttle {
+                        if !t.admit(bytes) {
+                            // Sent when the rate limiter's timer fires.
+                            self.tx.go_to_previous_position();
+                            break;
+                        }
+                    }
                     if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
                         count(&self.metrics.dropped);
                     } else if reader.read_exact(&mut self.frame[..len]).is_ok() {
@@ -185,6 +235,13 @@ impl NetHandler {
                     }
                 }
             };
+            if let Some(t) = &mut self.rx_throttle {
+                if !t.admit((len - VNET_HDR_LEN) as u64) {
+                    // The frame waits; the tap is not read until the timer fires.
+                    self.pending = Some(len);
+                    break;
+                }
+            }
             let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
                 // Keep the frame until the guest posts buffers; stop watching the tap.
                 self.pending = Some(len);
@@ -227,6 +284,20 @@ impl NetHandler {
     }
 }
 
+impl NetHandler {
+    /// The tap, then the timers of the rate limiters that exist, in a fixed order.
+    fn watched(&self) -> Vec<(RawFd, WatchedFd)> {
+        let mut fds = vec![(self.tap_fd, WatchedFd::Tap)];
+        if let Some(t) = &self.rx_throttle {
+            fds.push((t.as_raw_fd(), WatchedFd::RxTimer));
+        }
+        if let Some(t) = &self.tx_throttle {
+            fds.push((t.as_raw_fd(), WatchedFd::TxTimer));
+        }
+        fds
+    }
+}
+
 impl QueueHandler for NetHandler {
     fn process_queue(&mut self, index: usize) -> Result<(), String> {
         match index {
@@ -240,15 +311,34 @@ impl QueueHandler for NetHandler {
     }
 
     fn watched_fds(&self) -> Vec<RawFd> {
-        vec![self.tap_fd]
+        self.watched().iter().map(|(fd, _)| *fd).collect()
     }
 
-    fn process_fd(&mut self, _index: usize) -> Result<(), String> {
-        self.receive()
+    fn process_fd(&mut self, index: usize) -> Result<(), String> {
+        match self.watched().get(index).map(|(_, kind)| *kind) {
+            Some(WatchedFd::RxTimer) => {
+                if let Some(t) = &mut self.rx_throttle {
+                    t.on_timer();
+                }
+                self.receive()
+            }
+            Some(WatchedFd::TxTimer) => {
+                if let Some(t) = &mut self.tx_throttle {
+                    t.on_timer();
+                }
+                self.transmit()
+            }
+            Some(WatchedFd::Tap) | None => self.receive(),
+        }
     }
 
-    fn wants_fd(&self, _index: usize) -> bool {
-        self.rx_buffers
+    fn wants_fd(&self, index: usize) -> bool {
+        let throttled = |t: &Option<Throttle>| t.as_ref().is_some_and(Throttle::is_throttled);
+        match self.watched().get(index).map(|(_, kind)| *kind) {
+            Some(WatchedFd::Tap) => self.rx_buffers && !throttled(&self.rx_throttle),
+            Some(WatchedFd::RxTimer | WatchedFd::TxTimer) => true,
+            None => false,
+        }
     }
 
     fn failed(&mut self, why: &str) {
@@ -302,6 +392,8 @@ impl VirtioDevice for Net {
             frame: vec![0; MAX_FRAME_LEN],
             pending: None,
             rx_buffers: true,
+            rx_throttle: throttle(self.rx_rate)?,
+            tx_throttle: throttle(self.tx_rate)?,
         };
         let worker = Worker::spawn(format!("anvil-net{}", self.index), ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;
