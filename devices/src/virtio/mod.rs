@@ -127,6 +127,19 @@ pub struct ActivateContext {
     pub acked_features: u64,
 }
 
+/// Takes exactly `N` queues out of `queues`, in order.
+pub(crate) fn take_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    let got = queues.len();
+    <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
+}
+
+/// Stops a device's worker, if it runs.
+pub(crate) fn stop_worker(worker: &mut Option<worker::Worker>) {
+    if let Some(mut worker) = worker.take() {
+        worker.stop();
+    }
+}
+
 /// A virtio device model, independent of its transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (virtio 1.2, 5).

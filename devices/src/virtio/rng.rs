@@ -6,7 +6,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{QueueHandler, Worker};
-use super::{ActivateContext, ActivateError, Interrupt, VirtioDevice, QUEUE_MAX_SIZE};
+use super::{
+    stop_worker, take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    QUEUE_MAX_SIZE,
+};
 
 /// Most bytes given for one request; a guest asking for more gets this many (the spec lets
 /// the device fill less than offered).
@@ -136,10 +139,7 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let [queue] = take_queues::<1>(ctx.queues)?;
         let handler = RngHandler {
             mem: ctx.mem,
             queue,
@@ -153,8 +153,6 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        stop_worker(&mut self.worker);
     }
 }

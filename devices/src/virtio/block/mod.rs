@@ -16,7 +16,10 @@ use vm_memory::GuestMemoryMmap;
 use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
-use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use super::{
+    read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
+    VirtioDevice,
+};
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
 /// Errors of opening a disk.
@@ -242,10 +245,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let (Some(queue), 1) = (ctx.queues.into_iter().next(), got) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
+        let [queue] = take_queues::<1>(ctx.queues)?;
         let handler = BlockHandler {
             mem: ctx.mem,
             queue,
@@ -265,8 +265,6 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        stop_worker(&mut self.worker);
     }
 }

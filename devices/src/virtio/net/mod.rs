@@ -19,7 +19,10 @@ use vm_memory::GuestMemoryMmap;
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
-use super::{read_config_bytes, ActivateContext, ActivateError, Interrupt, VirtioDevice};
+use super::{
+    read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
+    VirtioDevice,
+};
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
 /// Largest frame the device moves: a 64 KiB TSO segment, its Ethernet header and the
@@ -369,11 +372,7 @@ impl VirtioDevice for Net {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let got = ctx.queues.len();
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rx), Some(tx), 2) = (queues.next(), queues.next(), got) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+        let [rx, tx] = take_queues::<2>(ctx.queues)?;
         let tap_fd = {
             let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = tap.set_offload(tun_offloads(ctx.acked_features)) {
@@ -402,9 +401,7 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            worker.stop();
-        }
+        stop_worker(&mut self.worker);
         let tap = self.tap.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = tap.set_offload(0) {
             tracing::warn!("virtio-net: {e}");
