@@ -41,6 +41,23 @@ impl Arena {
         Some(Arena { next, end })
     }
 
+    /// An arena over `[start, end)`, which the caller owns (RAM inside the identity map,
+    /// outside the image, handed to no device that may still write it).
+    pub fn from_range(start: u64, end: u64) -> Self {
+        Arena { next: start, end }
+    }
+
+    /// Hands out everything that is left, 4 KiB aligned: `(start, end)`, or `None` when less
+    /// than a page remains.
+    pub fn take_rest(&mut self) -> Option<(u64, u64)> {
+        let start = self.next.checked_next_multiple_of(4096)?;
+        if start + 4096 > self.end {
+            return None;
+        }
+        self.next = self.end;
+        Some((start, self.end))
+    }
+
     /// `len` zeroed bytes aligned to `align` (a power of two), or `None` when the arena is full.
     pub fn alloc(&mut self, len: u64, align: u64) -> Option<u64> {
         let start = self.next.checked_next_multiple_of(align)?;

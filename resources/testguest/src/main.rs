@@ -40,6 +40,7 @@ extern "C" fn tg_main() -> ! {
         Some("memtest") => workloads::memtest::run(&info, &params),
         Some("irq") => workloads::irq::run(&info, &params),
         Some("hostile") => workloads::hostile::run(&params),
+        Some("hostile_virtio") => workloads::hostile_virtio::run(&info, &params),
         Some("rng") => workloads::rng::run(&info, &params),
         Some("blk") => workloads::blk::run(&info, &params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),

@@ -79,6 +79,12 @@ pub fn mmio_write_u32(addr: u64, value: u32) {
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
 
+/// Writes a byte to physical memory.
+pub fn write_u8(addr: u64, value: u8) {
+    // SAFETY: as for `write_u64`; a byte store has no alignment requirement.
+    unsafe { core::ptr::write_volatile(addr as *mut u8, value) }
+}
+
 /// Writes a u16 to physical memory (aligned).
 pub fn write_u16(addr: u64, value: u16) {
     debug_assert!(addr & 1 == 0);
@@ -117,4 +123,31 @@ pub fn load_u32(addr: u64) -> u32 {
     debug_assert!(addr & 3 == 0);
     // SAFETY: as for `load_u16`.
     unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+/// Reads `size` (1, 2, 4 or 8) bytes of MMIO at `addr`, zero-extended.
+pub fn mmio_read(addr: u64, size: u64) -> u64 {
+    // SAFETY: `addr` lies in the identity-mapped, uncached MMIO hole (the caller checks); a load
+    // there exits to the VMM or KVM and does not touch our memory. MOV allows any alignment.
+    unsafe {
+        match size {
+            1 => u64::from(core::ptr::read_volatile(addr as *const u8)),
+            2 => u64::from(core::ptr::read_volatile(addr as *const u16)),
+            4 => u64::from(core::ptr::read_volatile(addr as *const u32)),
+            _ => core::ptr::read_volatile(addr as *const u64),
+        }
+    }
+}
+
+/// Writes the low `size` (1, 2, 4 or 8) bytes of `value` to MMIO at `addr`.
+pub fn mmio_write(addr: u64, size: u64, value: u64) {
+    // SAFETY: as for `mmio_read`: a store to the MMIO hole exits to the VMM or KVM.
+    unsafe {
+        match size {
+            1 => core::ptr::write_volatile(addr as *mut u8, value as u8),
+            2 => core::ptr::write_volatile(addr as *mut u16, value as u16),
+            4 => core::ptr::write_volatile(addr as *mut u32, value as u32),
+            _ => core::ptr::write_volatile(addr as *mut u64, value),
+        }
+    }
 }

@@ -17,29 +17,29 @@ use crate::dma::Arena;
 use crate::{io, phys};
 
 // MMIO register offsets (virtio 1.2, 4.2.2).
-const MAGIC: u64 = 0x000;
-const VERSION: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const CONFIG_GENERATION: u64 = 0x0fc;
-const CONFIG: u64 = 0x100;
+pub const MAGIC: u64 = 0x000;
+pub const VERSION: u64 = 0x004;
+pub const DEVICE_ID: u64 = 0x008;
+pub const DEVICE_FEATURES: u64 = 0x010;
+pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const DRIVER_FEATURES: u64 = 0x020;
+pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const QUEUE_SEL: u64 = 0x030;
+pub const QUEUE_NUM_MAX: u64 = 0x034;
+pub const QUEUE_NUM: u64 = 0x038;
+pub const QUEUE_READY: u64 = 0x044;
+pub const QUEUE_NOTIFY: u64 = 0x050;
+pub const INTERRUPT_STATUS: u64 = 0x060;
+pub const INTERRUPT_ACK: u64 = 0x064;
+pub const STATUS: u64 = 0x070;
+pub const QUEUE_DESC_LOW: u64 = 0x080;
+pub const QUEUE_DESC_HIGH: u64 = 0x084;
+pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const CONFIG_GENERATION: u64 = 0x0fc;
+pub const CONFIG: u64 = 0x100;
 
 /// "virt" in little-endian (4.2.2).
 pub const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -47,21 +47,21 @@ pub const MAGIC_VALUE: u32 = 0x7472_6976;
 pub const VERSION_MODERN: u32 = 2;
 
 // Device status bits (2.1).
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_NEEDS_RESET: u32 = 64;
-const STATUS_FAILED: u32 = 128;
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
 
 /// VIRTIO_F_VERSION_1 (6): the device complies with virtio 1.x.
 pub const F_VERSION_1: u64 = 1 << 32;
 
 // Split virtqueue layout (2.7).
-const DESC_SIZE: u64 = 16;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
+pub const DESC_SIZE: u64 = 16;
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const PAGE: u64 = 4096;
 
 /// Largest queue this driver sets up.
@@ -92,7 +92,7 @@ impl fmt::Display for VirtioError {
 pub type Result<T, E = VirtioError> = core::result::Result<T, E>;
 
 /// One virtio-mmio device found on the command line.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Device {
     base: u64,
     /// The ISA IRQ from the command line.
@@ -162,6 +162,17 @@ impl Device {
 
     fn write(&self, reg: u64, value: u32) {
         phys::mmio_write_u32(self.base + reg, value);
+    }
+
+    /// Reads the 32-bit register at `reg` (an offset below 0x100, 4-byte aligned), for
+    /// workloads that drive the transport by hand.
+    pub fn reg(&self, reg: u64) -> u32 {
+        self.read(reg & 0xffc)
+    }
+
+    /// Writes the 32-bit register at `reg` (masked to the window, 4-byte aligned).
+    pub fn set_reg(&self, reg: u64, value: u32) {
+        self.write(reg & 0xffc, value);
     }
 
     /// Resets the device and waits until the status reads 0 (4.2.3.1).

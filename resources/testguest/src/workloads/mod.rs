@@ -4,6 +4,7 @@ pub mod blk;
 pub mod counter;
 pub mod hello;
 pub mod hostile;
+pub mod hostile_virtio;
 pub mod irq;
 pub mod memtest;
 pub mod rng;
