@@ -43,6 +43,7 @@ extern "C" fn tg_main() -> ! {
         Some("hostile_virtio") => workloads::hostile_virtio::run(&info, &params),
         Some("rng") => workloads::rng::run(&info, &params),
         Some("blk") => workloads::blk::run(&info, &params),
+        Some("net") => workloads::net::run(&info, &params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),
         None => exit::fail(format_args!("unknown workload ")),
     }

@@ -292,6 +292,11 @@ impl Device {
         self.write(STATUS, s | STATUS_DRIVER_OK);
     }
 
+    /// Reads a byte of the device configuration space.
+    pub fn config_u8(&self, offset: u64) -> u8 {
+        phys::mmio_read(self.base + CONFIG + offset, 1) as u8
+    }
+
     /// Reads a 32-bit field of the device configuration space.
     pub fn config_u32(&self, offset: u64) -> u32 {
         self.read(CONFIG + offset)

@@ -7,6 +7,7 @@ pub mod hostile;
 pub mod hostile_virtio;
 pub mod irq;
 pub mod memtest;
+pub mod net;
 pub mod rng;
 
 use crate::cmdline::Params;
