@@ -3,7 +3,7 @@
 //! [`VirtioDevice`]. Every register value comes from the guest and is checked.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, Interrupt, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};
@@ -45,6 +45,11 @@ const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
+const BAD_SIZE: u8 = 1;
+const BAD_DESC: u8 = 2;
+const BAD_AVAIL: u8 = 4;
+const BAD_USED: u8 = 8;
+
 /// Device status bits (virtio 1.2, 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
 /// The driver knows how to drive the device.
@@ -65,9 +70,11 @@ pub struct MmioTransport {
     interrupt: Interrupt,
     queue_evts: Vec<EventFd>,
     queues: Vec<Queue>,
-    /// Queues the driver gave a size virtio-queue refused (zero, too large, not a power of
-    /// two); such a queue keeps its old size, so the flag is what fails activation.
-    bad_size: Vec<bool>,
+    /// Per queue, the settings the driver gave and virtio-queue refused ([`BAD_SIZE`]: zero,
+    /// too large or not a power of two; [`BAD_DESC`], [`BAD_AVAIL`], [`BAD_USED`]: misaligned
+    /// ring addresses). virtio-queue keeps the old value then, so these flags are what fail
+    /// activation.
+    bad: Vec<u8>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -105,14 +112,14 @@ impl MmioTransport {
         queue_evts: Vec<EventFd>,
     ) -> Result<Self, virtio_queue::Error> {
         let queues = Self::fresh_queues(device.as_ref())?;
-        let bad_size = vec![false; queues.len()];
+        let bad = vec![0; queues.len()];
         Ok(Self {
             device,
             mem,
             interrupt,
             queue_evts,
             queues,
-            bad_size,
+            bad,
             status: 0,
             device_features_sel: 0,
             driver_features_sel: 0,
@@ -159,6 +166,18 @@ impl MmioTransport {
         self.queues.get_mut(sel)
     }
 
+    /// Sets or clears `flag` for the selected queue.
+    fn flag_selected(&mut self, flag: u8, set: bool) {
+        let sel = usize::try_from(self.queue_sel).ok();
+        if let Some(bad) = sel.and_then(|i| self.bad.get_mut(i)) {
+            if set {
+                *bad |= flag;
+            } else {
+                *bad &= !flag;
+            }
+        }
+    }
+
     /// Queue set-up is allowed only between FEATURES_OK and DRIVER_OK.
     fn queue_setup_allowed(&self) -> bool {
         self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
@@ -171,7 +190,7 @@ impl MmioTransport {
         }
         match Self::fresh_queues(self.device.as_ref()) {
             Ok(queues) => {
-                self.bad_size = vec![false; queues.len()];
+                self.bad = vec![0; queues.len()];
                 self.queues = queues;
             }
             // Sizes were valid at construction and have not changed.
@@ -190,6 +209,9 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // DEVICE_NEEDS_RESET is the device's to set (virtio 1.2, 2.1.1): a driver's write of
+        // it is ignored.
+        let value = value & !STATUS_DEVICE_NEEDS_RESET;
         let added = value & !self.status;
         if value & self.status != self.status {
             // A driver may not clear bits except by writing 0 (virtio 1.2, 2.1.1).
@@ -199,12 +221,18 @@ impl MmioTransport {
             );
             return;
         }
-        if added & STATUS_FEATURES_OK != 0 {
+        let mut value = value;
+        if added & STATUS_FEATURES_OK != 0
+            && (self.acked_features & VIRTIO_F_VERSION_1 == 0 || value & STATUS_DRIVER == 0)
+        {
             // Modern devices require VIRTIO_F_VERSION_1; without it FEATURES_OK does not stick.
-            if self.acked_features & VIRTIO_F_VERSION_1 == 0 || self.status & STATUS_DRIVER == 0 {
-                self.status = value & !STATUS_FEATURES_OK;
-                return;
-            }
+            value &= !STATUS_FEATURES_OK;
+        }
+        if value & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
+            // DRIVER_OK without an accepted feature set: the device cannot start.
+            self.status = value & !STATUS_DRIVER_OK;
+            self.fail_device("DRIVER_OK before FEATURES_OK");
+            return;
         }
         self.status = value;
         if added & STATUS_DRIVER_OK != 0 && !self.activated {
@@ -212,16 +240,14 @@ impl MmioTransport {
         }
     }
 
+    /// Starts the device once the driver set DRIVER_OK (after FEATURES_OK, which
+    /// `set_status` guarantees).
     fn activate(&mut self) {
-        if self.status & STATUS_FEATURES_OK == 0 {
-            self.fail_device("DRIVER_OK before FEATURES_OK");
-            return;
-        }
         if let Some(index) = self
             .queues
             .iter()
-            .zip(&self.bad_size)
-            .position(|(q, &bad)| bad || !q.ready() || !q.is_valid(&self.mem))
+            .zip(&self.bad)
+            .position(|(q, &bad)| bad != 0 || !q.ready() || !q.is_valid(&self.mem))
         {
             self.fail_device(&format!("queue {index} is not ready or not valid"));
             return;
@@ -251,7 +277,7 @@ impl MmioTransport {
 
     /// The driver set the device up wrongly: report DEVICE_NEEDS_RESET; the VM goes on.
     fn fail_device(&mut self, why: &str) {
-        tracing::warn!(
+        crate::warn_limited!(
             device = self.device.device_type(),
             "virtio-mmio device needs reset: {why}"
         );
@@ -304,14 +330,10 @@ impl MmioTransport {
             }
             QUEUE_SEL => self.queue_sel = value,
             QUEUE_NUM if setup => {
-                let sel = usize::try_from(self.queue_sel).ok();
-                if let Some(q) = self.selected_queue() {
-                    let bad =
-                        u16::try_from(value).map_or(true, |size| q.try_set_size(size).is_err());
-                    if let Some(flag) = sel.and_then(|i| self.bad_size.get_mut(i)) {
-                        *flag = bad;
-                    }
-                }
+                let ok = self.selected_queue().is_some_and(|q| {
+                    u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok())
+                });
+                self.flag_selected(BAD_SIZE, !ok);
             }
             QUEUE_READY if setup => {
                 if let Some(q) = self.selected_queue() {
@@ -320,36 +342,27 @@ impl MmioTransport {
             }
             QUEUE_DESC_LOW | QUEUE_DESC_HIGH if setup => {
                 let high = offset == QUEUE_DESC_HIGH;
-                if let Some(q) = self.selected_queue() {
-                    let (lo, hi) = if high {
-                        (None, Some(value))
-                    } else {
-                        (Some(value), None)
-                    };
-                    q.set_desc_table_address(lo, hi);
-                }
+                let ok = self.selected_queue().is_some_and(|q| {
+                    let addr = set_half(q.desc_table(), high, value);
+                    q.try_set_desc_table_address(GuestAddress(addr)).is_ok()
+                });
+                self.flag_selected(BAD_DESC, !ok);
             }
             QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH if setup => {
                 let high = offset == QUEUE_DRIVER_HIGH;
-                if let Some(q) = self.selected_queue() {
-                    let (lo, hi) = if high {
-                        (None, Some(value))
-                    } else {
-                        (Some(value), None)
-                    };
-                    q.set_avail_ring_address(lo, hi);
-                }
+                let ok = self.selected_queue().is_some_and(|q| {
+                    let addr = set_half(q.avail_ring(), high, value);
+                    q.try_set_avail_ring_address(GuestAddress(addr)).is_ok()
+                });
+                self.flag_selected(BAD_AVAIL, !ok);
             }
             QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH if setup => {
                 let high = offset == QUEUE_DEVICE_HIGH;
-                if let Some(q) = self.selected_queue() {
-                    let (lo, hi) = if high {
-                        (None, Some(value))
-                    } else {
-                        (Some(value), None)
-                    };
-                    q.set_used_ring_address(lo, hi);
-                }
+                let ok = self.selected_queue().is_some_and(|q| {
+                    let addr = set_half(q.used_ring(), high, value);
+                    q.try_set_used_ring_address(GuestAddress(addr)).is_ok()
+                });
+                self.flag_selected(BAD_USED, !ok);
             }
             QUEUE_NOTIFY => {
                 // Normally KVM consumes this write through an ioeventfd; this path serves

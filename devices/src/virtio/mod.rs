@@ -133,6 +133,18 @@ pub(crate) fn take_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; 
     <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
 }
 
+/// Checks that the driver has not made more buffers available than the queue holds (its
+/// available index ran ahead of the device by more than the queue size). virtio-queue then
+/// stops handing out chains; without this check the device would go quiet instead of
+/// reporting that it needs a reset.
+pub(crate) fn check_avail_index(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), String> {
+    use virtio_queue::QueueOwnedT;
+    queue
+        .iter(mem)
+        .map(|_| ())
+        .map_err(|e| format!("bad available ring index: {e}"))
+}
+
 /// Stops a device's worker, if it runs.
 pub(crate) fn stop_worker(worker: &mut Option<worker::Worker>) {
     if let Some(mut worker) = worker.take() {

@@ -7,8 +7,8 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{QueueHandler, Worker};
 use super::{
-    stop_worker, take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
-    QUEUE_MAX_SIZE,
+    check_avail_index, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
+    VirtioDevice, QUEUE_MAX_SIZE,
 };
 
 /// Most bytes given for one request; a guest asking for more gets this many (the spec lets
@@ -84,6 +84,7 @@ impl QueueHandler for RngHandler {
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
         let mem = self.mem.clone();
         let mut used_any = false;
+        check_avail_index(&mut self.queue, &mem)?;
         while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let len = self.fill_chain(chain);
@@ -95,7 +96,7 @@ impl QueueHandler for RngHandler {
         if used_any {
             self.interrupt.signal_used_queue();
         }
-        Ok(())
+        check_avail_index(&mut self.queue, &mem)
     }
 
     fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {
@@ -111,7 +112,7 @@ impl QueueHandler for RngHandler {
     }
 
     fn failed(&mut self, why: &str) {
-        tracing::warn!("virtio-rng stopped: {why}");
+        crate::warn_limited!("virtio-rng stopped: {why}");
         self.interrupt.signal_needs_reset();
     }
 }

@@ -551,3 +551,61 @@ mod block {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+#[test]
+fn the_driver_cannot_set_needs_reset() {
+    let (mut t, ..) = mock_transport();
+    wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DEVICE_NEEDS_RESET);
+    assert_eq!(rd(&mut t, 0x70), STATUS_ACKNOWLEDGE);
+}
+
+#[test]
+fn misaligned_rings_are_refused() {
+    let (mut t, record, ..) = mock_transport();
+    negotiate(&mut t, 0);
+    setup_queue(&mut t, 0, 16, 0);
+    setup_queue(&mut t, 1, 16, 0x4000);
+    wr(&mut t, 0x30, 1);
+    wr(&mut t, 0x80, (0x4000 + DESC + 8) as u32); // descriptor table needs 16-byte alignment
+    wr(&mut t, 0x70, ALL_OK);
+    assert!(record.lock().unwrap().activated.is_none());
+    assert_ne!(rd(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn an_available_index_far_ahead_makes_the_device_need_a_reset() {
+    let (mut t, m, _, notify) = rng_transport();
+    negotiate(&mut t, 0);
+    setup_queue(&mut t, 0, 16, 0);
+    wr(&mut t, 0x70, ALL_OK);
+    // 100 buffers announced on a 16-entry queue.
+    m.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
+    notify.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rd(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the device went quiet instead of failing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), 0);
+}
+
+/// Found by the virtio_mmio fuzz target: FEATURES_OK and DRIVER_OK in one write without
+/// VERSION_1 used to leave the status reading DRIVER_OK with the device never started.
+#[test]
+fn driver_ok_without_accepted_features_fails_visibly() {
+    let (mut t, record, ..) = mock_transport();
+    wr(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    wr(&mut t, 0x70, ALL_OK);
+    let status = rd(&mut t, 0x70);
+    assert_eq!(
+        status & (STATUS_DRIVER_OK | STATUS_FEATURES_OK),
+        0,
+        "{status:#x}"
+    );
+    assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0, "{status:#x}");
+    assert!(record.lock().unwrap().activated.is_none());
+}

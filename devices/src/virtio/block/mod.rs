@@ -17,8 +17,8 @@ use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
-    VirtioDevice,
+    check_avail_index, read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError,
+    Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
@@ -181,6 +181,7 @@ impl QueueHandler for BlockHandler {
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
         let mem = self.mem.clone();
         let mut used_any = false;
+        check_avail_index(&mut self.queue, &mem)?;
         while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let len = match self.handle(chain) {
@@ -199,7 +200,7 @@ impl QueueHandler for BlockHandler {
         if used_any {
             self.interrupt.signal_used_queue();
         }
-        Ok(())
+        check_avail_index(&mut self.queue, &mem)
     }
 
     fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {
@@ -218,7 +219,7 @@ impl QueueHandler for BlockHandler {
     }
 
     fn failed(&mut self, why: &str) {
-        tracing::warn!("virtio-blk stopped: {why}");
+        crate::warn_limited!("virtio-blk stopped: {why}");
         self.interrupt.signal_needs_reset();
     }
 }

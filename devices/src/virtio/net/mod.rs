@@ -20,8 +20,8 @@ pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
-    VirtioDevice,
+    check_avail_index, read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError,
+    Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
@@ -176,6 +176,7 @@ impl NetHandler {
     fn transmit(&mut self) -> Result<(), String> {
         let mem = self.mem.clone();
         let mut used_any = false;
+        check_avail_index(&mut self.tx, &mem)?;
         while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             match Reader::new(&mem, chain) {
@@ -238,6 +239,8 @@ impl NetHandler {
                     }
                 }
             };
+            check_avail_index(&mut self.rx, &mem)?;
+            check_avail_index(&mut self.rx, &mem)?;
             if let Some(t) = &mut self.rx_throttle {
                 if !t.admit((len - VNET_HDR_LEN) as u64) {
                     // The frame waits; the tap is not read until the timer fires.
@@ -345,7 +348,7 @@ impl QueueHandler for NetHandler {
     }
 
     fn failed(&mut self, why: &str) {
-        tracing::warn!("virtio-net stopped: {why}");
+        crate::warn_limited!("virtio-net stopped: {why}");
         self.interrupt.signal_needs_reset();
     }
 }
