@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::config::{
-    parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, DEFAULT_CMDLINE,
+    parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE,
 };
 use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
 
@@ -120,6 +120,12 @@ struct BootArgs {
     /// limits are token buckets SIZE:REFILL_MS[:BURST] on received/sent bytes and frames.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+
+    /// A virtio-vsock device: cid=N,socket=PATH (Firecracker's hybrid vsock). A host program
+    /// reaches guest port P by connecting to PATH and writing "CONNECT P\n"; the guest's
+    /// connections to host port P go to the Unix socket PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    vsock: Option<String>,
 }
 
 /// Prints `error` and its causes on one line.
@@ -187,6 +193,12 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
             .map(|text| NetConfig::parse(text))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("invalid --net: {e}"))?,
+        vsock: args
+            .vsock
+            .as_deref()
+            .map(VsockConfig::parse)
+            .transpose()
+            .map_err(|e| format!("invalid --vsock: {e}"))?,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

@@ -330,3 +330,14 @@ fn bad_network_interfaces_are_refused_before_the_guest_starts() {
     let run = boot(&["--kernel", &g, "--net", "tap=t0", "--net", "tap=t0"], T);
     assert_error(&run, EXIT_USAGE, "tap \"t0\" is used twice");
 }
+
+#[test]
+fn bad_vsock_settings_are_refused() {
+    let g = guest();
+    let run = boot(&["--kernel", &g, "--vsock", "cid=2,socket=/tmp/x.sock"], T);
+    assert_error(&run, EXIT_USAGE, "cid 2 is reserved");
+    let run = boot(&["--kernel", &g, "--vsock", "cid=3"], T);
+    assert_error(&run, EXIT_USAGE, "socket=PATH is missing");
+    let run = boot(&["--kernel", &g, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"], T);
+    assert_error(&run, EXIT_ERROR, "cannot listen on vsock socket /nonexistent/dir/v.sock");
+}

@@ -50,6 +50,52 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device in Firecracker's hybrid style.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u64,
+    /// Host Unix socket path; guest connections to host port P go to `<path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Parses `cid=N,socket=PATH`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |why: String| ConfigError::VsockSyntax {
+            text: text.to_string(),
+            why,
+        };
+        let mut cid = None;
+        let mut path = None;
+        for part in text.split(',') {
+            match part.split_once('=') {
+                Some(("cid", c)) => {
+                    cid = Some(
+                        c.parse::<u64>()
+                            .map_err(|_| bad(format!("bad cid {c:?}")))?,
+                    )
+                }
+                Some(("socket", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                _ => return Err(bad(format!("unknown or empty option {part:?}"))),
+            }
+        }
+        let guest_cid = cid.ok_or_else(|| bad("cid=N is missing".into()))?;
+        if guest_cid < 3 || guest_cid > u64::from(u32::MAX) {
+            return Err(bad(format!(
+                "cid {guest_cid} is reserved: it must be 3 to 4294967295"
+            )));
+        }
+        let uds_path = path.ok_or_else(|| bad("socket=PATH is missing".into()))?;
+        Ok(Self {
+            guest_cid,
+            uds_path,
+        })
+    }
 }
 
 /// One virtio-net interface on a tap.
@@ -238,6 +284,7 @@ impl Default for VmConfig {
             rng: false,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -281,6 +328,14 @@ pub enum ConfigError {
     /// A `--net` value cannot be parsed.
     #[error("invalid network interface {text:?}: {why}")]
     NetSyntax {
+        /// The value.
+        text: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A `--vsock` value cannot be parsed or is out of range.
+    #[error("invalid vsock {text:?}: {why}")]
+    VsockSyntax {
         /// The value.
         text: String,
         /// What is wrong.
@@ -406,7 +461,8 @@ impl VmConfig {
                 }
             }
         }
-        if self.disks.len() + self.nets.len() + usize::from(self.rng) > max_devices {
+        let count = self.disks.len() + self.nets.len();
+        if count + usize::from(self.rng) + usize::from(self.vsock.is_some()) > max_devices {
             return Err(ConfigError::TooManyDevices(max_devices));
         }
         if let Some(pos) = self
@@ -599,6 +655,33 @@ mod tests {
         assert_eq!(net.rx_rate.bandwidth, bucket(1 << 20, 100, 0));
         assert_eq!(net.tx_rate.ops, bucket(10, 1000, 0));
         assert!(net.rx_rate.ops.size == 0 && net.tx_rate.bandwidth.size == 0);
+    }
+
+    #[test]
+    fn vsock_parses_and_refuses_reserved_cids() {
+        assert_eq!(
+            VsockConfig::parse("cid=3,socket=/tmp/v.sock"),
+            Ok(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into()
+            })
+        );
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=0,socket=/s",
+            "cid=x,socket=/s",
+            "socket=/s",
+            "cid=3",
+            "cid=3,socket=",
+        ] {
+            assert!(
+                matches!(
+                    VsockConfig::parse(bad),
+                    Err(ConfigError::VsockSyntax { .. })
+                ),
+                "{bad:?} must be refused"
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use arch::template::CpuTemplate;
 use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, Tap, TapError};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{Vsock, VsockError};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -99,6 +100,9 @@ pub enum VmmError {
     /// A tap cannot be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The vsock device cannot be set up.
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -292,6 +296,10 @@ impl Vmm {
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
         }
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in &devices.virtio_cmdline {

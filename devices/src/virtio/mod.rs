@@ -9,6 +9,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -609,3 +609,192 @@ fn driver_ok_without_accepted_features_fails_visibly() {
     assert_ne!(status & STATUS_DEVICE_NEEDS_RESET, 0, "{status:#x}");
     assert!(record.lock().unwrap().activated.is_none());
 }
+
+mod vsock {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::virtio::vsock::packet::*;
+    use crate::virtio::vsock::Vsock;
+
+    const RX: u64 = 0;
+    const TX: u64 = 0x4000;
+    const EVT: u64 = 0x8000;
+    const RX_BUF: u64 = 0x20000;
+    const TX_BUF: u64 = 0x40000;
+    const GUEST_CID: u64 = 3;
+
+    struct Rig {
+        t: MmioTransport,
+        m: GuestMemoryMmap,
+        notify_tx: EventFd,
+        path: std::path::PathBuf,
+        tx_count: u16,
+        rx_seen: u16,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            wr(&mut self.t, 0x70, 0);
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn rig() -> Rig {
+        let path = std::env::temp_dir().join(format!("anvil-vsock-unit-{}", std::process::id()));
+        let m = mem();
+        let evts = [evt(), evt(), evt()];
+        let notify_tx = evts[1].try_clone().unwrap();
+        let dev = Vsock::new(GUEST_CID, &path).unwrap();
+        let mut t = MmioTransport::new(
+            Box::new(dev),
+            m.clone(),
+            Interrupt::new(evt()),
+            evts.into_iter().collect(),
+        )
+        .unwrap();
+        negotiate(&mut t, 0);
+        setup_queue(&mut t, 0, 16, RX);
+        setup_queue(&mut t, 1, 16, TX);
+        setup_queue(&mut t, 2, 16, EVT);
+        // Eight 4 KiB receive buffers.
+        for i in 0..8u16 {
+            put_desc(
+                &m,
+                RX,
+                i,
+                RX_BUF + 0x1000 * u64::from(i),
+                0x1000,
+                VRING_DESC_F_WRITE,
+                0,
+            );
+        }
+        publish(&m, RX, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        wr(&mut t, 0x70, ALL_OK);
+        Rig {
+            t,
+            m,
+            notify_tx,
+            path,
+            tx_count: 0,
+            rx_seen: 0,
+        }
+    }
+
+    impl Rig {
+        /// Waits for the next packet the device put in a receive buffer.
+        fn next_rx(&mut self) -> (Header, Vec<u8>) {
+            assert!(
+                wait_used(&self.m, RX, self.rx_seen + 1),
+                "no packet for the guest"
+            );
+            let slot = u64::from(self.rx_seen % 16);
+            let id: u32 = self
+                .m
+                .read_obj(GuestAddress(RX + USED + 4 + 8 * slot))
+                .unwrap();
+            self.rx_seen += 1;
+            let addr = GuestAddress(RX_BUF + 0x1000 * u64::from(id));
+            let hdr: Header = self.m.read_obj(addr).unwrap();
+            let mut payload = vec![0u8; hdr.len as usize];
+            self.m
+                .read_slice(&mut payload, addr.unchecked_add(HEADER_LEN as u64))
+                .unwrap();
+            (hdr, payload)
+        }
+
+        /// Sends a packet from the guest.
+        fn send(&mut self, hdr: Header, payload: &[u8]) {
+            let slot = self.tx_count % 16;
+            let addr = TX_BUF + 0x1000 * u64::from(slot);
+            self.m.write_obj(hdr, GuestAddress(addr)).unwrap();
+            self.m
+                .write_slice(payload, GuestAddress(addr + HEADER_LEN as u64))
+                .unwrap();
+            put_desc(
+                &self.m,
+                TX,
+                slot,
+                addr,
+                (HEADER_LEN + payload.len()) as u32,
+                0,
+                0,
+            );
+            self.m
+                .write_obj(slot, GuestAddress(TX + AVAIL + 4 + 2 * u64::from(slot)))
+                .unwrap();
+            self.tx_count += 1;
+            self.m
+                .write_obj(self.tx_count, GuestAddress(TX + AVAIL + 2))
+                .unwrap();
+            self.notify_tx.write(1).unwrap();
+            assert!(wait_used(&self.m, TX, self.tx_count));
+        }
+    }
+
+    fn guest_hdr(src_port: u32, dst_port: u32, op: u16, len: u32) -> Header {
+        Header {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID_FOR_TESTS,
+            src_port,
+            dst_port,
+            len,
+            type_: TYPE_STREAM,
+            op,
+            flags: 0,
+            buf_alloc: 65536,
+            fwd_cnt: 0,
+        }
+    }
+
+    const HOST_CID_FOR_TESTS: u64 = crate::virtio::vsock::HOST_CID;
+
+    #[test]
+    fn a_host_program_reaches_a_guest_port_and_data_flows_both_ways() {
+        let mut r = rig();
+        let mut host = UnixStream::connect(&r.path).unwrap();
+        host.write_all(b"CONNECT 1234\n").unwrap();
+        let (req, _) = r.next_rx();
+        let (op, dst_cid, dst_port, src_port) = (req.op, req.dst_cid, req.dst_port, req.src_port);
+        assert_eq!((op, dst_cid, dst_port), (OP_REQUEST, GUEST_CID, 1234));
+        r.send(guest_hdr(1234, src_port, OP_RESPONSE, 0), &[]);
+        let mut line = String::new();
+        BufReader::new(host.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, format!("OK {src_port}\n"));
+        host.write_all(b"hello guest").unwrap();
+        let (rw, data) = r.next_rx();
+        let op = rw.op;
+        assert_eq!(op, OP_RW);
+        assert_eq!(data, b"hello guest");
+        r.send(guest_hdr(1234, src_port, OP_RW, 10), b"hello host");
+        let mut back = [0u8; 10];
+        host.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello host");
+    }
+
+    #[test]
+    fn a_guest_connection_to_a_missing_host_port_is_reset() {
+        let mut r = rig();
+        r.send(guest_hdr(5000, 4321, OP_REQUEST, 0), &[]);
+        let (rst, _) = r.next_rx();
+        let (op, dst_port, src_port) = (rst.op, rst.dst_port, rst.src_port);
+        assert_eq!((op, dst_port, src_port), (OP_RST, 5000, 4321));
+    }
+
+    #[test]
+    fn packets_with_foreign_cids_or_oversized_payloads_are_refused() {
+        let mut r = rig();
+        let mut forged = guest_hdr(5000, 4321, OP_REQUEST, 0);
+        forged.src_cid = 99;
+        r.send(forged, &[]);
+        // RW for a connection that does not exist, claiming more payload than it carries.
+        r.send(guest_hdr(5001, 4321, OP_RW, 1 << 30), b"x");
+        let (rst, _) = r.next_rx();
+        let (op, dst_port) = (rst.op, rst.dst_port);
+        assert_eq!((op, dst_port), (OP_RST, 5001), "only the RW gets an answer");
+        assert_eq!(rd(&mut r.t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+}
