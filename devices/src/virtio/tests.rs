@@ -642,7 +642,10 @@ mod vsock {
     }
 
     fn rig() -> Rig {
-        let path = std::env::temp_dir().join(format!("anvil-vsock-unit-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("anvil-vsock-unit-{}-{n}", std::process::id()));
         let m = mem();
         let evts = [evt(), evt(), evt()];
         let notify_tx = evts[1].try_clone().unwrap();
@@ -797,4 +800,17 @@ mod vsock {
         assert_eq!((op, dst_port), (OP_RST, 5001), "only the RW gets an answer");
         assert_eq!(rd(&mut r.t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
     }
+}
+
+#[test]
+fn a_vsock_socket_in_use_is_refused_and_a_stale_one_replaced() {
+    let path = std::env::temp_dir().join(format!("anvil-vsock-inuse-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let err = crate::virtio::vsock::Vsock::new(3, &path).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(live);
+    // The file stays behind with nobody listening: it is replaced.
+    assert!(crate::virtio::vsock::Vsock::new(3, &path).is_ok());
+    assert!(!path.exists(), "the device removes its socket when dropped");
 }

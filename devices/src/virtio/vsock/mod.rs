@@ -51,6 +51,9 @@ pub enum VsockError {
     /// The guest CID is reserved.
     #[error("vsock guest cid {0} is reserved (it must be 3 or more)")]
     ReservedCid(u64),
+    /// Another process listens on the socket path.
+    #[error("vsock socket {} is in use by another process", .0.display())]
+    InUse(PathBuf),
     /// The Unix socket cannot be created.
     #[error("cannot listen on vsock socket {}", .path.display())]
     Bind {
@@ -87,6 +90,11 @@ impl Vsock {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_socket()
         }) {
+            // A socket someone still answers on belongs to a live process; a dead one is
+            // left over from a VMM that exited and may be replaced.
+            if UnixStream::connect(path).is_ok() {
+                return Err(VsockError::InUse(path.to_path_buf()));
+            }
             std::fs::remove_file(path).map_err(bind)?;
         }
         let listener = UnixListener::bind(path).map_err(bind)?;
