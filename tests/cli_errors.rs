@@ -338,6 +338,18 @@ fn bad_vsock_settings_are_refused() {
     assert_error(&run, EXIT_USAGE, "cid 2 is reserved");
     let run = boot(&["--kernel", &g, "--vsock", "cid=3"], T);
     assert_error(&run, EXIT_USAGE, "socket=PATH is missing");
-    let run = boot(&["--kernel", &g, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"], T);
-    assert_error(&run, EXIT_ERROR, "cannot listen on vsock socket /nonexistent/dir/v.sock");
+    let run = boot(
+        &[
+            "--kernel",
+            &g,
+            "--vsock",
+            "cid=3,socket=/nonexistent/dir/v.sock",
+        ],
+        T,
+    );
+    assert_error(
+        &run,
+        EXIT_ERROR,
+        "cannot listen on vsock socket /nonexistent/dir/v.sock",
+    );
 }
