@@ -166,6 +166,14 @@ impl MmioTransport {
         self.queues.get_mut(sel)
     }
 
+    /// QueueNumMax of the selected queue while the device holds the queues (0: no such queue).
+    fn activated_queue_max(&self) -> u32 {
+        usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.device.queue_max_sizes().get(i))
+            .map_or(0, |&max| u32::from(max.min(QUEUE_MAX_SIZE)))
+    }
+
     /// Sets or clears `flag` for the selected queue.
     fn flag_selected(&mut self, flag: u8, set: bool) {
         let sel = usize::try_from(self.queue_sel).ok();
@@ -298,6 +306,9 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
+            // Once the device runs, it holds the queues; all of them were ready then.
+            QUEUE_NUM_MAX if self.activated => self.activated_queue_max(),
+            QUEUE_READY if self.activated => u32::from(self.activated_queue_max() != 0),
             QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             INTERRUPT_STATUS => self.interrupt.status(),
