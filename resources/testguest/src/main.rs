@@ -44,6 +44,7 @@ extern "C" fn tg_main() -> ! {
         Some("rng") => workloads::rng::run(&info, &params),
         Some("blk") => workloads::blk::run(&info, &params),
         Some("net") => workloads::net::run(&info, &params),
+        Some("vsock") => workloads::vsock::run(&info, &params),
         Some(other) => exit::fail(format_args!("unknown workload {other}")),
         None => exit::fail(format_args!("unknown workload ")),
     }

@@ -9,6 +9,7 @@ pub mod irq;
 pub mod memtest;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use crate::cmdline::Params;
 use crate::exit;
