@@ -40,33 +40,49 @@ fn echo_once(listener: UnixListener) -> u64 {
     }
 }
 
-#[test]
-fn vsock_connect_echoes_through_host_socket() {
-    if !kvm_available("vsock_connect_echoes_through_host_socket") {
-        return;
-    }
-    let dir = TempDir::new("vsock-connect");
+/// Boots the guest with `tg.vsock_connect=5000` and `extra` parameters against an echoing
+/// `<path>_5000`; asserts it passed having sent and verified `bytes` bytes.
+fn connect_and_echo(tag: &str, extra: &str, bytes: u64) {
+    let dir = TempDir::new(tag);
     let listener = UnixListener::bind(dir.path("v.sock_5000")).expect("bind v.sock_5000");
     // The echo thread ends when the guest (through anvil-vmm) closes, or never accepts if the
     // guest never connects; it is not joined, its count comes through a channel.
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || tx.send(echo_once(listener)));
     let run = boot_testguest(
-        "tg.run=vsock tg.vsock_connect=5000",
+        &format!("tg.run=vsock tg.vsock_connect=5000 {extra}"),
         &["--vsock", &vsock_arg(&dir)],
     );
     run.assert_pass();
     let tg = run.tg();
     assert_eq!(tg.get("vsock_cid").map(String::as_str), Some("3"), "{run}");
     assert_eq!(
-        tg.get("vsock_connect").map(String::as_str),
-        Some("ok bytes=65536"),
+        tg.get("vsock_connect").cloned(),
+        Some(format!("ok bytes={bytes}")),
         "{run}"
     );
     let echoed = rx
         .recv_timeout(HOST_TIMEOUT)
         .unwrap_or_else(|e| panic!("the host echo did not see EOF: {e}\n{run}"));
-    assert_eq!(echoed, 65536, "{run}");
+    assert_eq!(echoed, bytes, "{run}");
+}
+
+#[test]
+fn vsock_connect_echoes_through_host_socket() {
+    if !kvm_available("vsock_connect_echoes_through_host_socket") {
+        return;
+    }
+    connect_and_echo("vsock-connect", "", 65536);
+}
+
+/// Sixteen times both sides' 64 KiB buffers: the transfer only completes if each side's
+/// credit updates reach the other.
+#[test]
+fn vsock_connect_mebibytes_flow_on_credit_updates() {
+    if !kvm_available("vsock_connect_mebibytes_flow_on_credit_updates") {
+        return;
+    }
+    connect_and_echo("vsock-credit", "tg.vsock_bytes=1048576 tg.seed=7", 1 << 20);
 }
 
 /// Byte `i` of the stream the host sends to the guest.
