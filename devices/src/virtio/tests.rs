@@ -642,6 +642,10 @@ mod vsock {
     }
 
     fn rig() -> Rig {
+        rig_with_rx_buffers(0x1000)
+    }
+
+    fn rig_with_rx_buffers(rx_len: u32) -> Rig {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path =
@@ -668,7 +672,7 @@ mod vsock {
                 RX,
                 i,
                 RX_BUF + 0x1000 * u64::from(i),
-                0x1000,
+                rx_len,
                 VRING_DESC_F_WRITE,
                 0,
             );
@@ -776,6 +780,30 @@ mod vsock {
         let mut back = [0u8; 10];
         host.read_exact(&mut back).unwrap();
         assert_eq!(&back, b"hello host");
+    }
+
+    #[test]
+    fn host_data_is_split_to_fit_small_receive_buffers() {
+        let mut r = rig_with_rx_buffers(100);
+        let mut host = UnixStream::connect(&r.path).unwrap();
+        host.write_all(b"CONNECT 7\n").unwrap();
+        let (req, _) = r.next_rx();
+        let src_port = req.src_port;
+        r.send(guest_hdr(7, src_port, OP_RESPONSE, 0), &[]);
+        let data: Vec<u8> = (0..150u8).collect();
+        host.write_all(&data).unwrap();
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            let (hdr, payload) = r.next_rx();
+            let (op, len) = (hdr.op, hdr.len);
+            assert_eq!(op, OP_RW);
+            assert!(
+                len as usize <= 100 - HEADER_LEN,
+                "packet of {len} bytes in a 100-byte buffer"
+            );
+            got.extend(payload);
+        }
+        assert_eq!(got, data);
     }
 
     #[test]

@@ -235,15 +235,36 @@ impl VsockHandler {
             };
             let head = chain.head_index();
             let written = match Writer::new(&mem, chain) {
-                Ok(mut w) if w.available_bytes() >= HEADER_LEN + payload.len() => {
-                    if w.write_obj(hdr).is_ok() && w.write_all(&payload).is_ok() {
+                Ok(mut w) if w.available_bytes() > HEADER_LEN || payload.is_empty() => {
+                    // No mergeable buffers in vsock: data that does not fit this buffer goes on
+                    // in the next one, as a packet of its own.
+                    let room = w.available_bytes().saturating_sub(HEADER_LEN);
+                    let (mut hdr, mut payload) = (hdr, payload);
+                    if payload.len() > room {
+                        let rest = payload.split_off(room);
+                        let mut rest_hdr = hdr;
+                        rest_hdr.len = u32::try_from(rest.len()).unwrap_or(0);
+                        hdr.len = u32::try_from(room).unwrap_or(0);
+                        self.backlog.push_front((rest_hdr, rest));
+                    }
+                    if w.available_bytes() >= HEADER_LEN
+                        && w.write_obj(hdr).is_ok()
+                        && w.write_all(&payload).is_ok()
+                    {
                         HEADER_LEN + payload.len()
                     } else {
                         0
                     }
                 }
-                _ => {
-                    crate::warn_limited!("virtio-vsock: guest receive buffer too small or invalid");
+                Ok(_) => {
+                    // Too small for a header and a byte: the packet waits for the next buffer.
+                    crate::warn_limited!("virtio-vsock: guest receive buffer too small");
+                    self.backlog.push_front((hdr, payload));
+                    0
+                }
+                Err(_) => {
+                    crate::warn_limited!("virtio-vsock: guest receive buffer outside its memory");
+                    self.backlog.push_front((hdr, payload));
                     0
                 }
             };
