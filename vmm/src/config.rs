@@ -136,13 +136,7 @@ impl NetConfig {
         let mut mac = None;
         let mut rx_rate = RateLimiterConfig::default();
         let mut tx_rate = RateLimiterConfig::default();
-        let bucket = |value: &str| {
-            parse_bucket(value).ok_or_else(|| {
-                bad(format!(
-                    "bad rate limit {value:?}: expected SIZE:REFILL_MS[:BURST]"
-                ))
-            })
-        };
+        let bucket = |value: &str| parse_limit(value).map_err(bad);
         for part in text.split(',') {
             match part.split_once('=') {
                 Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
@@ -184,6 +178,12 @@ pub struct DiskConfig {
     pub id: String,
     /// Limits on the disk's bandwidth and operations.
     pub rate_limit: RateLimiterConfig,
+}
+
+/// [`parse_bucket`] with the message a `--disk` or `--net` option gives when it fails.
+fn parse_limit(value: &str) -> Result<TokenBucketConfig, String> {
+    parse_bucket(value)
+        .ok_or_else(|| format!("bad rate limit {value:?}: expected SIZE:REFILL_MS[:BURST]"))
 }
 
 /// Parses a token bucket `SIZE:REFILL_MS[:BURST]`; SIZE and BURST take K, M and G suffixes
@@ -230,13 +230,7 @@ impl DiskConfig {
         let mut root = false;
         let mut id = None;
         let mut rate_limit = RateLimiterConfig::default();
-        let bucket = |value: &str| {
-            parse_bucket(value).ok_or_else(|| {
-                bad(format!(
-                    "bad rate limit {value:?}: expected SIZE:REFILL_MS[:BURST]"
-                ))
-            })
-        };
+        let bucket = |value: &str| parse_limit(value).map_err(bad);
         for part in text.split(',') {
             match part.split_once('=') {
                 Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
