@@ -594,3 +594,58 @@ fn linux_vsock_round_trip_to_a_host_socket() {
     assert_eq!(echo.join().unwrap(), b"hello-from-linux");
     assert_eq!(run.status.code(), Some(0), "{run}");
 }
+
+/// A Firecracker-style CPU template reaches the guest: clearing CPUID.1:ECX[25] (AES-NI)
+/// removes the `aes` flag Linux shows, which the same boot without the template has.
+#[test]
+fn linux_sees_the_cpu_template() {
+    if !linux_capable("linux_sees_the_cpu_template") {
+        return;
+    }
+    let tmp = common::TempDir::new("linux-template");
+    let template = tmp.path("no-aes.json");
+    let bitmap = format!("0b{}0{}", "x".repeat(6), "x".repeat(25));
+    std::fs::write(
+        &template,
+        format!(
+            r#"{{"cpuid_modifiers":[{{"leaf":"0x1","subleaf":"0x0","flags":0,"modifiers":[{{"register":"ecx","bitmap":"{bitmap}"}}]}}],"msr_modifiers":[]}}"#
+        ),
+    )
+    .unwrap();
+    let dir = linux_guest_dir();
+    let kernel = dir.join("vmlinux");
+    let initrd = dir.join("initramfs.cpio.gz");
+    let boot_with = |extra: &[&str]| {
+        let cmdline = "console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"echo aes=$(grep -c -w aes /proc/cpuinfo)\"";
+        let mut args = vec![
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+        ];
+        args.extend_from_slice(extra);
+        boot(&args, BOOT_TIMEOUT)
+    };
+    let plain = boot_with(&[]);
+    let with_template = boot_with(&["--cpu-template", template.to_str().unwrap()]);
+    let aes = |run: &Run| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix("aes="))
+            .unwrap_or_else(|| panic!("no aes line\n{run}"))
+            .to_string()
+    };
+    assert_ne!(
+        aes(&plain),
+        "0",
+        "the guest CPU has AES-NI without a template\n{plain}"
+    );
+    assert_eq!(
+        aes(&with_template),
+        "0",
+        "the template hides AES-NI\n{with_template}"
+    );
+    assert_eq!(with_template.status.code(), Some(0), "{with_template}");
+}
