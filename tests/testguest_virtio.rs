@@ -270,3 +270,23 @@ fn blk_ops_limit_holds_the_guest_to_its_rate() {
     assert_eq!(run.status.code(), Some(2), "{run}");
     assert!(run.stderr.contains("bad rate limit \"4\""), "{run}");
 }
+
+/// The throughput mode used by scripts/bench/bench.py moves every byte it reports.
+#[test]
+fn blk_bench_mode_moves_the_whole_range() {
+    if !kvm_available("blk_bench_mode_moves_the_whole_range") {
+        return;
+    }
+    let dir = TempDir::new("tg-blk-bench");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 2 * MIB]).unwrap();
+    let spec = format!("path={}", disk.display());
+    let run = boot_testguest(
+        "tg.run=blk tg.blk_bench=1 tg.blk_req_kib=256",
+        &["--disk", &spec],
+    );
+    run.assert_pass();
+    assert_tg(&run, "blk_bench_bytes", &(2 * MIB).to_string());
+    assert!(run.tg().contains_key("blk_bench_write_us"), "{run}");
+    assert!(run.tg().contains_key("blk_bench_read_us"), "{run}");
+}

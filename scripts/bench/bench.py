@@ -10,6 +10,11 @@
     scripts/bench/bench.py memory [--runs 5] [--qemu ...] [--firecracker PATH]
         resident memory of the VMM process minus the resident part of guest memory, sampled after
         the test guest has booted and is running its `counter` workload.
+    scripts/bench/bench.py blk [--runs 5]
+        virtio-blk through KVM with the test guest's polling driver (`tg.blk_bench=1`: one request
+        in flight, no pattern work in the timed loops) on a raw file, sequential 1 MiB and 4 KiB
+        requests, beside fio doing the same on the host
+        against the same file (psync, one job, buffered like anvil's backend).
     scripts/bench/bench.py linux [--runs 10] [--firecracker PATH]
         spawn to the Linux guest's `anvil-guest: init ready` line, 1 and 2 vCPUs, anvil beside
         Firecracker. Run it where KVM runs Linux; on a PVM host wrap it in the L1 machine:
@@ -239,6 +244,49 @@ def bench_memory(args):
                   f"({statistics.median(vals) / 1024:.2f} MiB)  n={len(vals)}")
 
 
+def fio(path, rw, bs, size_mib):
+    out = subprocess.run(
+        ["fio", "--name=b", f"--filename={path}", f"--rw={rw}", f"--bs={bs}",
+         f"--size={size_mib}M", "--ioengine=psync", "--numjobs=1", "--invalidate=0",
+         "--output-format=json"],
+        capture_output=True, text=True, check=True).stdout
+    job = json.loads(out)["jobs"][0]
+    side = job["read" if rw == "read" else "write"]
+    return side["bw_bytes"], side["iops"]
+
+
+def bench_blk(args):
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
+        disk = os.path.join(work, "disk.img")
+        results = {}
+        for label, req_kib, mib in (("1 MiB requests", 1024, 256), ("4 KiB requests", 4, 64)):
+            with open(disk, "wb") as f:
+                f.truncate(mib << 20)
+            rows = {"anvil write": [], "anvil read": [], "fio write": [], "fio read": []}
+            for _ in range(args.runs):
+                proc = spawn([ANVIL, "boot", "--kernel", TESTGUEST, "--memory", "512M",
+                              "--cmdline",
+                              f"tg.run=blk tg.blk_bench=1 tg.blk_req_kib={req_kib} tg.blk_mib={mib}",
+                              "--disk", f"path={disk}"])
+                out, _ = finish(proc)
+                tg = dict(l[3:].split("=", 1) for l in out.splitlines() if l.startswith("TG ") and "=" in l)
+                moved = int(tg["blk_bench_bytes"])
+                rows["anvil write"].append(moved / (int(tg["blk_bench_write_us"]) / 1e6))
+                rows["anvil read"].append(moved / (int(tg["blk_bench_read_us"]) / 1e6))
+                bs = f"{req_kib}k"
+                rows["fio write"].append(fio(disk, "write", bs, mib)[0])
+                rows["fio read"].append(fio(disk, "read", bs, mib)[0])
+            results[label] = (req_kib, {k: statistics.median(v) for k, v in rows.items()})
+        print("\nvirtio-blk through KVM (test guest, one request in flight) against fio on the host, "
+              "same file, medians")
+        for label, (req_kib, med) in results.items():
+            for op in ("write", "read"):
+                a, h = med[f"anvil {op}"], med[f"fio {op}"]
+                print(f"  {label:<15} {op:<5}  anvil {a / 2**20:8.1f} MiB/s "
+                      f"({a / (req_kib * 1024):9.0f} IOPS)   host fio {h / 2**20:8.1f} MiB/s "
+                      f"({h / (req_kib * 1024):9.0f} IOPS)   anvil/host = {a / h:.2f}")
+
+
 def bench_linux(args):
     vmlinux = os.path.join(GUEST_DIR, "vmlinux")
     initrd = os.path.join(GUEST_DIR, "initramfs.cpio.gz")
@@ -263,7 +311,7 @@ def bench_linux(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["startup", "boot", "memory", "linux"])
+    parser.add_argument("what", choices=["startup", "boot", "memory", "linux", "blk"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--qemu", help="qemu-system-x86_64 binary for the peer run")
     parser.add_argument("--firecracker", help="firecracker binary for the peer run")
@@ -280,7 +328,7 @@ def main():
     print(f"# {args.what}: commit {subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
           f"{os.uname().nodename}, {os.cpu_count()} CPUs, kvm_pvm={'yes' if os.path.isdir('/sys/module/kvm_pvm') else 'no'}")
     {"startup": bench_startup, "boot": bench_boot, "memory": bench_memory,
-     "linux": bench_linux}[args.what](args)
+     "linux": bench_linux, "blk": bench_blk}[args.what](args)
     if FAILURES:
         print(f"failed runs (left out of the figures): {FAILURES}")
 

@@ -17,7 +17,7 @@ pub const SECTOR_SIZE: u64 = 512;
 /// than make the device allocate what the guest says.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// Bounce buffer size: data moves between guest memory and the file in chunks of this.
-const CHUNK_BYTES: usize = 256 << 10;
+const CHUNK_BYTES: usize = 1 << 20;
 
 /// The request header (`struct virtio_blk_outhdr`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

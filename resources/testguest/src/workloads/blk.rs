@@ -282,6 +282,29 @@ fn hash(h: u64, segs: &Segs, mut disk_off: u64, limit: u64) -> u64 {
 }
 
 /// Runs the workload.
+/// `tg.blk_bench=1`: raw sequential throughput, one request in flight, no pattern work in the
+/// timed loops: writes `test_bytes` in `req`-byte requests from one buffer, then reads them back
+/// into it, and prints `blk_bench_bytes`, `blk_bench_write_us` and `blk_bench_read_us`.
+fn bench(blk: &mut Blk, window: u64, req: u64, test_bytes: u64, khz: u64) {
+    let segs = layout(window, 0, req, blk.seg_max);
+    fill(&segs, 0, 0);
+    for (t, name) in [(T_OUT, "write"), (T_IN, "read")] {
+        let t0 = io::rdtsc();
+        let mut off = 0u64;
+        while off + req <= test_bytes {
+            let s = blk.request_or_fail(t, off / SECTOR, &segs, t == T_IN);
+            if s != S_OK {
+                exit::fail(format_args!("blk bench {name} status={}", status_name(s)));
+            }
+            off += req;
+        }
+        crate::tg!("blk_bench_{name}_us={}", (io::rdtsc() - t0) * 1000 / khz);
+        if t == T_OUT {
+            crate::tg!("blk_bench_bytes={off}");
+        }
+    }
+}
+
 pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
     let index = param(params, "blk_index", 0);
     let seed = param(params, "seed", 1);
@@ -323,6 +346,9 @@ pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
     let test_bytes = limit_mib.map_or(disk_bytes, |m| m.saturating_mul(MIB).min(disk_bytes));
     let sum_bytes = test_bytes.min(MIB);
     let key = mix64(seed);
+    if param(params, "blk_bench", 0) == 1 && !ro {
+        bench(&mut blk, window, req, test_bytes, khz);
+    }
     let sum = if ro {
         read_only(&mut blk, window, req, sum_bytes)
     } else {
