@@ -12,6 +12,25 @@ cd "$repo"
 
 log() { echo "test.sh: $*" >&2; }
 
+# What the tests use besides cargo, installed when missing (as root on Debian).
+need=
+command -v cc >/dev/null 2>&1 || need="$need build-essential"                     # links the test guest
+command -v setpriv >/dev/null 2>&1 || need="$need util-linux"                    # unprivileged-user tests
+command -v ip >/dev/null 2>&1 || need="$need iproute2"                           # taps, network namespaces
+command -v python3 >/dev/null 2>&1 || need="$need python3"                       # the Linux lane's HTTP peer
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need="$need qemu-system-x86"   # the L1 machine
+if [ -n "$need" ]; then
+  if [ "$(id -u)" != 0 ]; then
+    log "missing:$need (install them, or run as root)"
+    exit 1
+  fi
+  log "installing:$need"
+  export DEBIAN_FRONTEND=noninteractive
+  # shellcheck disable=SC2086
+  apt-get install -y --no-install-recommends $need >&2 ||
+    { apt-get update >&2 && apt-get install -y --no-install-recommends $need >&2; }
+fi
+
 log "building (release)"
 cargo build --release --workspace
 
