@@ -35,6 +35,7 @@ guest_dir=$("$repo/scripts/guest-artifacts.sh")
 if [ -t 0 ]; then
   cmdline="console=ttyS0 reboot=k panic=-1 pci=off quiet"
 else
+  # shellcheck disable=SC2016 # $(nproc) is for the guest's shell
   cmdline='console=ttyS0 reboot=k panic=-1 pci=off quiet anvil_cmd="uname -a; echo vcpus: $(nproc); head -1 /proc/meminfo"'
 fi
 set -- --kernel "$guest_dir/vmlinux" --initrd "$guest_dir/initramfs.cpio.gz" --cpus 2 --memory 256M \
