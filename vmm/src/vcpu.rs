@@ -213,19 +213,15 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self) -> VcpuStop {
-        let mut first_run = true;
+        if self.id == 0 {
+            tracing::info!(
+                since_start_us =
+                    u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                monotonic_us = monotonic_us(),
+                "vcpu0 entering KVM_RUN for the first time"
+            );
+        }
         loop {
-            if first_run {
-                first_run = false;
-                if self.id == 0 {
-                    tracing::info!(
-                        since_start_us =
-                            u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
-                        monotonic_us = monotonic_us(),
-                        "vcpu0 entering KVM_RUN for the first time"
-                    );
-                }
-            }
             if let Some(stop) = self.run_once() {
                 return stop;
             }
