@@ -9,34 +9,11 @@
 # Only the path goes to stdout; messages and build output go to stderr. Exit status 1 if the build fails.
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
-files="vmlinux-kvmhost l1-initramfs.cpio.gz"
+# shellcheck source=resources/guest/lib.sh
+. "$repo/resources/guest/lib.sh"
 
-has_all() {
-  for f in $files; do
-    [ -f "$1/$f" ] || return 1
-  done
+build_l1() {
+  "$repo/resources/l1/build-l1.sh" "$1" >&2
 }
 
-if [ -n "${ANVIL_L1_DIR:-}" ]; then
-  if has_all "$ANVIL_L1_DIR"; then
-    (cd "$ANVIL_L1_DIR" && pwd)
-    exit 0
-  fi
-  echo "l1-artifacts.sh: ANVIL_L1_DIR=$ANVIL_L1_DIR lacks one of: $files; looking elsewhere" >&2
-fi
-if has_all "$repo/../shared/l1"; then
-  (cd "$repo/../shared/l1" && pwd)
-  exit 0
-fi
-
-cache=${ANVIL_CACHE_DIR:-$repo/target/anvil-cache}/l1
-mkdir -p "$cache"
-# Parallel callers: one build at a time; the others wait and then find it up to date.
-exec 9>"$cache/.lock"
-if ! flock -n 9; then
-  echo "l1-artifacts.sh: waiting for another build in $cache" >&2
-  flock 9
-fi
-"$repo/resources/l1/build-l1.sh" "$cache" >&2
-has_all "$cache" || { echo "l1-artifacts.sh: $cache is incomplete after the build" >&2; exit 1; }
-echo "$cache"
+anvil_artifact_dir l1 ANVIL_L1_DIR "vmlinux-kvmhost l1-initramfs.cpio.gz" build_l1

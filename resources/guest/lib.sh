@@ -81,3 +81,41 @@ anvil_prepare_kernel() {
   ) >&2
   echo "$src"
 }
+
+# anvil_artifact_dir NAME VAR FILES BUILD: prints the first directory holding every file in FILES
+# (space-separated): the directory named by the environment variable VAR, then ../shared/NAME
+# beside the repository, then the build cache $ANVIL_CACHE_DIR/NAME (default
+# <repo>/target/anvil-cache/NAME), which the command BUILD (given the cache directory) brings up
+# to date first, one caller at a time. Only the path goes to stdout. Needs $repo.
+anvil_artifact_dir() {
+  _name=$1 _var=$2 _files=$3 _build=$4
+  _has_all() {
+    for _f in $_files; do
+      [ -f "$1/$_f" ] || return 1
+    done
+  }
+  _override=$(printenv "$_var" || true)
+  if [ -n "$_override" ]; then
+    if _has_all "$_override"; then
+      (cd "$_override" && pwd)
+      return 0
+    fi
+    anvil_log "$_var=$_override lacks one of: $_files; looking elsewhere"
+  fi
+  # shellcheck disable=SC2154 # $repo is set by the script that sources this file
+  if _has_all "$repo/../shared/$_name"; then
+    (cd "$repo/../shared/$_name" && pwd)
+    return 0
+  fi
+  _cache=${ANVIL_CACHE_DIR:-$repo/target/anvil-cache}/$_name
+  mkdir -p "$_cache"
+  # Parallel callers: one build at a time; the others wait and then find it up to date.
+  exec 9>"$_cache/.lock"
+  if ! flock -n 9; then
+    anvil_log "waiting for another build in $_cache"
+    flock 9
+  fi
+  "$_build" "$_cache"
+  _has_all "$_cache" || anvil_die "$_cache is incomplete after the build"
+  echo "$_cache"
+}
