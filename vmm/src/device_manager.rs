@@ -69,10 +69,9 @@ pub struct DeviceManager {
     pub serial_input_room_evt: EventFd,
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
-    /// Virtio-mmio devices placed so far, as `virtio_mmio.device=` kernel parameters.
-    pub virtio_cmdline: Vec<String>,
-    /// The same devices as the ACPI DSDT describes them.
-    pub virtio_acpi: Vec<VirtioMmioDevice>,
+    /// Virtio-mmio devices placed so far: their windows and GSIs, as the ACPI DSDT and the
+    /// kernel command line describe them.
+    pub virtio_devices: Vec<VirtioMmioDevice>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -134,8 +133,20 @@ impl DeviceManager {
             serial,
             serial_input_room_evt,
             reset_evt,
-            virtio_cmdline: Vec::new(),
-            virtio_acpi: Vec::new(),
+            virtio_devices: Vec::new(),
+        })
+    }
+
+    /// The `virtio_mmio.device=<size>@<addr>:<irq>` kernel parameters for the devices placed,
+    /// in order, as Linux's virtio_mmio driver reads them.
+    pub fn virtio_cmdline(&self) -> impl Iterator<Item = String> + '_ {
+        self.virtio_devices.iter().map(|d| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.len >> 10,
+                d.addr,
+                d.gsi
+            )
         })
     }
 
@@ -150,7 +161,7 @@ impl DeviceManager {
         device: Box<dyn VirtioDevice>,
     ) -> Result<(), DeviceError> {
         let index =
-            u32::try_from(self.virtio_cmdline.len()).map_err(|_| DeviceError::NoSlot(name))?;
+            u32::try_from(self.virtio_devices.len()).map_err(|_| DeviceError::NoSlot(name))?;
         let addr = VIRTIO_MMIO_START + u64::from(index) * VIRTIO_MMIO_SLOT_SIZE;
         let irq = IRQ_BASE + index;
         if addr + VIRTIO_MMIO_SLOT_SIZE > VIRTIO_MMIO_END || irq > IRQ_MAX {
@@ -177,9 +188,7 @@ impl DeviceManager {
         self.mmio_bus
             .insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SLOT_SIZE)
             .map_err(|e| DeviceError::Bus(name, e))?;
-        self.virtio_cmdline
-            .push(format!("virtio_mmio.device=4K@{addr:#x}:{irq}"));
-        self.virtio_acpi.push(VirtioMmioDevice {
+        self.virtio_devices.push(VirtioMmioDevice {
             addr,
             len: VIRTIO_MMIO_SLOT_SIZE,
             gsi: irq,

@@ -302,9 +302,9 @@ impl Vmm {
             devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
         }
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
-        for param in &devices.virtio_cmdline {
+        for param in devices.virtio_cmdline() {
             cmdline.push(' ');
-            cmdline.push_str(param);
+            cmdline.push_str(&param);
         }
         let (cmdline_addr, cmdline_size) = crate::loader::load_cmdline(guest_memory, &cmdline)?;
         arch::boot::configure_system(
@@ -315,7 +315,7 @@ impl Vmm {
             config.vcpu_count,
             kernel.protocol,
             kernel.setup_header,
-            &devices.virtio_acpi,
+            &devices.virtio_devices,
         )
         .map_err(VmmError::Boot)?;
         tracing::debug!(
