@@ -146,6 +146,33 @@ pub(crate) fn check_avail_index(queue: &mut Queue, mem: &GuestMemoryMmap) -> Res
         .map_err(|e| format!("bad available ring index: {e}"))
 }
 
+/// Pops every chain the driver made available on `queue`, hands it to `handle` and returns it
+/// to the driver with the used length `handle` gives; `handle` returning `None` puts the chain
+/// back and stops (a throttled device resumes later). Returns whether any buffer was used, or
+/// an error when the driver corrupted the available ring.
+pub(crate) fn serve_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+) -> Result<bool, String> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    check_avail_index(queue, mem)?;
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let Some(len) = handle(chain) else {
+            queue.go_to_previous_position();
+            break;
+        };
+        queue
+            .add_used(mem, head, len)
+            .map_err(|e| format!("cannot return a used buffer: {e}"))?;
+        used = true;
+    }
+    check_avail_index(queue, mem)?;
+    Ok(used)
+}
+
 /// Stops a device's worker, if it runs.
 pub(crate) fn stop_worker(worker: &mut Option<worker::Worker>) {
     if let Some(mut worker) = worker.take() {

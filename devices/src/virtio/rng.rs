@@ -2,13 +2,13 @@
 //! with entropy from the host's getrandom.
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{QueueHandler, Worker};
 use super::{
-    check_avail_index, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt,
-    VirtioDevice, QUEUE_MAX_SIZE,
+    serve_queue, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
+    QUEUE_MAX_SIZE,
 };
 
 /// Most bytes given for one request; a guest asking for more gets this many (the spec lets
@@ -54,49 +54,44 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-impl RngHandler {
-    /// Fills the writable descriptors of one chain; returns the bytes written.
-    fn fill_chain(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> u32 {
-        let mut written: u32 = 0;
-        for desc in chain.writable() {
-            let room = MAX_REQUEST_BYTES - written;
-            let len = desc.len().min(room);
-            if len == 0 {
-                break;
-            }
-            let chunk = &mut self.buf[..len as usize];
-            if let Err(e) = getrandom(chunk) {
-                tracing::error!("virtio-rng: getrandom failed: {e}");
-                break;
-            }
-            if let Err(e) = self.mem.write_slice(chunk, desc.addr()) {
-                // The guest pointed outside its memory: give what was written so far.
-                tracing::debug!("virtio-rng: bad buffer: {e}");
-                break;
-            }
-            written += len;
+/// Fills the writable descriptors of one chain with entropy through `buf`; returns the bytes
+/// written.
+fn fill_chain(
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let mut written: u32 = 0;
+    for desc in chain.writable() {
+        let room = MAX_REQUEST_BYTES - written;
+        let len = desc.len().min(room);
+        if len == 0 {
+            break;
         }
-        written
+        let chunk = &mut buf[..len as usize];
+        if let Err(e) = getrandom(chunk) {
+            tracing::error!("virtio-rng: getrandom failed: {e}");
+            break;
+        }
+        if let Err(e) = mem.write_slice(chunk, desc.addr()) {
+            // The guest pointed outside its memory: give what was written so far.
+            tracing::debug!("virtio-rng: bad buffer: {e}");
+            break;
+        }
+        written += len;
     }
+    written
 }
 
 impl QueueHandler for RngHandler {
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
-        let mem = self.mem.clone();
-        let mut used_any = false;
-        check_avail_index(&mut self.queue, &mem)?;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            let len = self.fill_chain(chain);
-            self.queue
-                .add_used(&mem, head, len)
-                .map_err(|e| format!("cannot return a used buffer: {e}"))?;
-            used_any = true;
-        }
-        if used_any {
+        let (mem, buf) = (&self.mem, &mut self.buf);
+        if serve_queue(&mut self.queue, mem, |chain| {
+            Some(fill_chain(mem, buf, chain))
+        })? {
             self.interrupt.signal_used_queue();
         }
-        check_avail_index(&mut self.queue, &mem)
+        Ok(())
     }
 
     fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    check_avail_index, read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError,
+    read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext, ActivateError,
     Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
@@ -113,26 +113,23 @@ impl Block {
 }
 
 struct BlockHandler {
-    mem: GuestMemoryMmap,
     queue: Queue,
     interrupt: Interrupt,
+    io: BlockIo,
+}
+
+/// What a request needs besides its queue.
+struct BlockIo {
+    mem: GuestMemoryMmap,
     disk: Arc<Mutex<Disk>>,
     bounce: Vec<u8>,
     throttle: Option<Throttle>,
 }
 
-/// What became of a request.
-enum Outcome {
-    /// Done; the used length to report.
-    Used(u32),
-    /// The rate limiter refused it; it goes back on the queue.
-    Throttled,
-}
-
-impl BlockHandler {
-    /// Runs one request; returns the used length (data written plus the status byte), or 0
-    /// when the chain has no room for a status byte.
-    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Outcome {
+impl BlockIo {
+    /// Runs one request; returns the used length (data written plus the status byte, 0 when
+    /// the chain has no room for a status byte), or `None` when the rate limiter refused it.
+    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<u32> {
         let (mut reader, mut writer) = match (
             Reader::new(&self.mem, chain.clone()),
             Writer::new(&self.mem, chain),
@@ -140,23 +137,23 @@ impl BlockHandler {
             (Ok(r), Ok(w)) => (r, w),
             _ => {
                 tracing::debug!("virtio-blk: chain outside guest memory");
-                return Outcome::Used(0);
+                return Some(0);
             }
         };
         let writable = writer.available_bytes();
         if writable == 0 {
             tracing::debug!("virtio-blk: request without a status byte");
-            return Outcome::Used(0);
+            return Some(0);
         }
         if let Some(throttle) = &mut self.throttle {
             // Data bytes: everything but the 16-byte header and the status byte.
             let bytes = (reader.available_bytes().saturating_sub(16) + writable - 1) as u64;
             if !throttle.admit(bytes) {
-                return Outcome::Throttled;
+                return None;
             }
         }
         let Ok(mut status_writer) = writer.split_at(writable - 1) else {
-            return Outcome::Used(0);
+            return Some(0);
         };
         let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
         let (status, written) =
@@ -171,44 +168,28 @@ impl BlockHandler {
             };
         drop(disk);
         if status_writer.write_obj(status).is_err() {
-            return Outcome::Used(0);
+            return Some(0);
         }
-        Outcome::Used(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
     }
 }
 
 impl QueueHandler for BlockHandler {
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
-        let mem = self.mem.clone();
-        let mut used_any = false;
-        check_avail_index(&mut self.queue, &mem)?;
-        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            let len = match self.handle(chain) {
-                Outcome::Used(len) => len,
-                Outcome::Throttled => {
-                    // Retried when the rate limiter's timer fires.
-                    self.queue.go_to_previous_position();
-                    break;
-                }
-            };
-            self.queue
-                .add_used(&mem, head, len)
-                .map_err(|e| format!("cannot return a used buffer: {e}"))?;
-            used_any = true;
-        }
-        if used_any {
+        let mem = self.io.mem.clone();
+        // A request the rate limiter refused is retried when its timer fires.
+        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))? {
             self.interrupt.signal_used_queue();
         }
-        check_avail_index(&mut self.queue, &mem)
+        Ok(())
     }
 
     fn watched_fds(&self) -> Vec<std::os::fd::RawFd> {
-        self.throttle.iter().map(|t| t.as_raw_fd()).collect()
+        self.io.throttle.iter().map(|t| t.as_raw_fd()).collect()
     }
 
     fn process_fd(&mut self, _index: usize) -> Result<(), String> {
-        if let Some(throttle) = &mut self.throttle {
+        if let Some(throttle) = &mut self.io.throttle {
             throttle.on_timer();
         }
         self.process_queue(0)
@@ -248,15 +229,17 @@ impl VirtioDevice for Block {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let [queue] = take_queues::<1>(ctx.queues)?;
         let handler = BlockHandler {
-            mem: ctx.mem,
             queue,
             interrupt: ctx.interrupt,
-            disk: self.disk.clone(),
-            bounce: Vec::new(),
-            throttle: if self.rate_limit.is_unlimited() {
-                None
-            } else {
-                Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?)
+            io: BlockIo {
+                mem: ctx.mem,
+                disk: self.disk.clone(),
+                bounce: Vec::new(),
+                throttle: if self.rate_limit.is_unlimited() {
+                    None
+                } else {
+                    Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?)
+                },
             },
         };
         let worker = Worker::spawn(format!("anvil-blk{}", self.index), ctx.queue_evts, handler)

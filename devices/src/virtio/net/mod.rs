@@ -13,15 +13,15 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    check_avail_index, read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError,
-    Interrupt, VirtioDevice,
+    check_avail_index, read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext,
+    ActivateError, Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
@@ -168,51 +168,47 @@ fn count(counter: &std::sync::atomic::AtomicU64) {
 }
 
 impl NetHandler {
-    fn tap(&self) -> std::sync::MutexGuard<'_, Tap> {
-        self.tap.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Sends every chain on the transmit queue to the tap.
     fn transmit(&mut self) -> Result<(), String> {
         let mem = self.mem.clone();
-        let mut used_any = false;
-        check_avail_index(&mut self.tx, &mem)?;
-        while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            match Reader::new(&mem, chain) {
-                Ok(mut reader) => {
-                    let len = reader.available_bytes();
-                    let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
-                    if let Some(t) = &mut self.tx_throttle {
-                        if !t.admit(bytes) {
-                            // Sent when the rate limiter's timer fires.
-                            self.tx.go_to_previous_position();
-                            break;
-                        }
-                    }
-                    if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
-                        count(&self.metrics.dropped);
-                    } else if reader.read_exact(&mut self.frame[..len]).is_ok() {
-                        let sent = self.tap().write_frame(&self.frame[..len]);
-                        match sent {
-                            Ok(_) => count(&self.metrics.tx_frames),
-                            Err(e) => {
-                                tracing::debug!("virtio-net: tap write failed: {e}");
-                                count(&self.metrics.dropped);
-                            }
-                        }
-                    } else {
-                        count(&self.metrics.dropped);
-                    }
+        let (throttle, frame, tap, metrics) = (
+            &mut self.tx_throttle,
+            &mut self.frame,
+            &self.tap,
+            &self.metrics,
+        );
+        let used = serve_queue(&mut self.tx, &mem, |chain| {
+            let Ok(mut reader) = Reader::new(&mem, chain) else {
+                count(&metrics.dropped);
+                return Some(0);
+            };
+            let len = reader.available_bytes();
+            if let Some(t) = throttle {
+                if !t.admit(len.saturating_sub(VNET_HDR_LEN) as u64) {
+                    // Sent when the rate limiter's timer fires.
+                    return None;
                 }
-                Err(_) => count(&self.metrics.dropped),
             }
-            self.tx
-                .add_used(&mem, head, 0)
-                .map_err(|e| format!("cannot return a transmit buffer: {e}"))?;
-            used_any = true;
-        }
-        if used_any {
+            if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len)
+                || reader.read_exact(&mut frame[..len]).is_err()
+            {
+                count(&metrics.dropped);
+                return Some(0);
+            }
+            let sent = tap
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_frame(&frame[..len]);
+            match sent {
+                Ok(_) => count(&metrics.tx_frames),
+                Err(e) => {
+                    tracing::debug!("virtio-net: tap write failed: {e}");
+                    count(&metrics.dropped);
+                }
+            }
+            Some(0)
+        })?;
+        if used {
             self.interrupt.signal_used_queue();
         }
         Ok(())
