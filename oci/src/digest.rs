@@ -169,6 +169,9 @@ mod tests {
         assert!(w.write_all(b"1234").is_ok());
         assert!(w.write_all(b"5").is_err());
         let (digest, len, out) = w.finish();
-        assert_eq!((digest, len, out), (Digest::of(b"1234"), 4, b"1234".to_vec()));
+        assert_eq!(
+            (digest, len, out),
+            (Digest::of(b"1234"), 4, b"1234".to_vec())
+        );
     }
 }

@@ -105,7 +105,9 @@ fn valid_tag(t: &str) -> bool {
         && t.len() <= 128
         && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && t.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && t.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl ImageRef {
@@ -168,7 +170,9 @@ impl ImageRef {
             _ => (DOCKER_HUB.to_string(), format!("library/{name}")),
         };
         if registry.is_empty() || !repository.split('/').all(valid_component) {
-            return Err(bad("the repository name must be lowercase components separated by '/'"));
+            return Err(bad(
+                "the repository name must be lowercase components separated by '/'",
+            ));
         }
         let tag = if tag.is_none() && digest.is_none() {
             Some("latest".to_string())
@@ -247,7 +251,13 @@ mod tests {
 
     #[test]
     fn bad_references_are_refused() {
-        for text in ["Upper/Case", "host:5000/a:b:c", "a@sha256:12", "oci:", "x/../y"] {
+        for text in [
+            "Upper/Case",
+            "host:5000/a:b:c",
+            "a@sha256:12",
+            "oci:",
+            "x/../y",
+        ] {
             assert!(ImageRef::parse(text).is_err(), "{text}");
         }
     }

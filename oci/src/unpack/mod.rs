@@ -344,7 +344,7 @@ impl Unpacker {
                 self.bytes_left = self.bytes_left.saturating_sub(copied);
             }
             tar::EntryType::Directory => {
-                if existing.as_ref().map_or(true, |m| !m.is_dir()) {
+                if existing.as_ref().is_none_or(|m| !m.is_dir()) {
                     fs::create_dir(&target).map_err(io_err(&target))?;
                 }
             }
@@ -405,12 +405,11 @@ impl Unpacker {
         }
         let major = header.device_major().ok().flatten().unwrap_or(0);
         let minor = header.device_minor().ok().flatten().unwrap_or(0);
-        let c_path = CString::new(target.as_os_str().as_bytes()).map_err(|_| {
-            UnpackError::Hostile {
+        let c_path =
+            CString::new(target.as_os_str().as_bytes()).map_err(|_| UnpackError::Hostile {
                 path: target.display().to_string(),
                 why: "has a NUL byte",
-            }
-        })?;
+            })?;
         // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call; mknod
         // does not follow a final symlink and fails if the name exists.
         let rc = unsafe {
@@ -434,14 +433,23 @@ impl Unpacker {
         mode: u32,
     ) -> Result<()> {
         if self.privileged {
-            let uid = header.uid().ok().and_then(|u| u32::try_from(u).ok()).unwrap_or(0);
-            let gid = header.gid().ok().and_then(|g| u32::try_from(g).ok()).unwrap_or(0);
+            let uid = header
+                .uid()
+                .ok()
+                .and_then(|u| u32::try_from(u).ok())
+                .unwrap_or(0);
+            let gid = header
+                .gid()
+                .ok()
+                .and_then(|g| u32::try_from(g).ok())
+                .unwrap_or(0);
             // lchown: a symlink's own owner, never its target's.
             std::os::unix::fs::lchown(target, Some(uid), Some(gid)).map_err(io_err(target))?;
         }
         if !symlink {
             // After chown, which clears set-id bits.
-            fs::set_permissions(target, fs::Permissions::from_mode(mode)).map_err(io_err(target))?;
+            fs::set_permissions(target, fs::Permissions::from_mode(mode))
+                .map_err(io_err(target))?;
         }
         Ok(())
     }

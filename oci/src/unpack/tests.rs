@@ -112,7 +112,10 @@ fn files_dirs_symlinks_and_hard_links_unpack() {
     apply(&s.root(), &[layer]).unwrap();
     let root = s.root();
     assert_eq!(fs::read(root.join("bin/busybox")).unwrap(), b"ELF");
-    assert_eq!(fs::read_link(root.join("bin/sh")).unwrap(), Path::new("busybox"));
+    assert_eq!(
+        fs::read_link(root.join("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
     use std::os::unix::fs::MetadataExt;
     assert_eq!(
         fs::metadata(root.join("bin/ash")).unwrap().ino(),
@@ -152,10 +155,7 @@ fn opaque_directory_hides_lower_contents_but_keeps_its_own() {
     let s = Scratch::new("opq");
     let lower = tar_of(&[E::File("data/old1", b"1"), E::File("data/sub/old2", b"2")]);
     // The new file comes before the marker: it still survives.
-    let upper = tar_of(&[
-        E::File("data/new", b"n"),
-        E::File("data/.wh..wh..opq", b""),
-    ]);
+    let upper = tar_of(&[E::File("data/new", b"n"), E::File("data/.wh..wh..opq", b"")]);
     apply(&s.root(), &[lower, upper]).unwrap();
     let root = s.root();
     let mut names: Vec<_> = fs::read_dir(root.join("data"))
@@ -198,7 +198,11 @@ fn symlinked_parent_stays_inside_the_root() {
     ]);
     apply(&s.root(), &[layer]).unwrap();
     assert!(!outside.join("pwned").exists());
-    assert!(s.root().join(outside.strip_prefix("/").unwrap()).join("pwned").exists());
+    assert!(s
+        .root()
+        .join(outside.strip_prefix("/").unwrap())
+        .join("pwned")
+        .exists());
     assert!(s.root().join("pwned2").exists());
     assert!(!s.0.join("pwned2").exists());
 }
@@ -230,7 +234,11 @@ fn hard_link_out_of_the_root_is_hostile() {
 #[test]
 fn symlink_loop_is_hostile() {
     let s = Scratch::new("loop");
-    let layer = tar_of(&[E::Symlink("a", "b"), E::Symlink("b", "a"), E::File("a/x", b"")]);
+    let layer = tar_of(&[
+        E::Symlink("a", "b"),
+        E::Symlink("b", "a"),
+        E::File("a/x", b""),
+    ]);
     assert!(is_hostile(apply(&s.root(), &[layer])));
 }
 
@@ -289,10 +297,14 @@ fn gzip_and_zstd_layers_unpack_and_diff_id_is_checked() {
     u.apply_layer(&gz[..], Some(&diff_id)).unwrap();
     assert_eq!(fs::read(s.root().join("hello")).unwrap(), b"hi");
 
-    let zst = ruzstd::encoding::compress_to_vec(&layer[..], ruzstd::encoding::CompressionLevel::Fastest);
+    let zst =
+        ruzstd::encoding::compress_to_vec(&layer[..], ruzstd::encoding::CompressionLevel::Fastest);
     u.apply_layer(&zst[..], Some(&diff_id)).unwrap();
 
     let wrong = Digest::of(b"other");
     let r = u.apply_layer(&layer[..], Some(&wrong));
-    assert!(matches!(r, Err(UnpackError::DiffIdMismatch { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(UnpackError::DiffIdMismatch { .. })),
+        "{r:?}"
+    );
 }
