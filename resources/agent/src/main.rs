@@ -1,0 +1,312 @@
+//! `anvil-agent`: the init (PID 1) of an `anvil-vmm run` guest. It reads the run spec from
+//! `/anvil/spec.json` in its initramfs, connects three vsock streams to the host (stdout,
+//! stderr, status), mounts the image root (`/dev/vda`, read-only ext4) under a writable overlay
+//! (`/dev/vdb`, ext4), mounts /proc, /sys, /dev and /tmp inside it, switches into it, runs the
+//! entrypoint as the image's user with its environment and working directory, reaps orphans,
+//! sends `exit N` on the status stream and reboots (the VMM sees the reset and stops).
+//!
+//! Wire protocol (host side: `anvil-vmm run`, src/image_cmd.rs): the guest connects to the
+//! host CID 2 on the ports in the spec; stdout and stderr carry the raw bytes; the status
+//! stream carries one line `exit N` (N = exit code, or 128 + signal).
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+/// The spec `anvil-vmm run` puts in the initramfs.
+#[derive(Debug, Deserialize)]
+struct Spec {
+    argv: Vec<String>,
+    env: Vec<String>,
+    workdir: String,
+    user: String,
+    hostname: String,
+    stdout_port: u32,
+    stderr_port: u32,
+    status_port: u32,
+}
+
+/// The host's vsock CID.
+const HOST_CID: u32 = 2;
+/// Exit code when the command cannot be found (as shells and container runtimes use).
+const EXIT_NOT_FOUND: i32 = 127;
+/// Exit code when the command cannot be run.
+const EXIT_CANNOT_RUN: i32 = 126;
+
+fn vsock_connect(port: u32) -> Result<OwnedFd, String> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(format!("vsock socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor this function owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family =
+        libc::sa_family_t::try_from(libc::AF_VSOCK).expect("AF_VSOCK (40) fits sa_family_t");
+    addr.svm_cid = HOST_CID;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm and its exact size is passed.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            std::ptr::addr_of!(addr).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>())
+                .expect("sockaddr_vm is 16 bytes"),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "vsock connect to port {port}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(owned)
+}
+
+fn cstr(s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{s:?} has a NUL byte"))
+}
+
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    let _ = fs::create_dir_all(target);
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(format!(
+            "mount {fstype} {source} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Mounts the image root with its writable layer at /mnt/root and the API file systems in it.
+fn mount_root() -> Result<(), String> {
+    mount("devtmpfs", "/dev", "devtmpfs", 0, "")?;
+    mount("/dev/vda", "/mnt/lower", "ext4", libc::MS_RDONLY, "")?;
+    mount("/dev/vdb", "/mnt/rw", "ext4", 0, "")?;
+    for d in ["/mnt/rw/upper", "/mnt/rw/work"] {
+        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    mount(
+        "overlay",
+        "/mnt/root",
+        "overlay",
+        0,
+        "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work",
+    )?;
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/mnt/root/proc", "proc", nosuid, "")?;
+    mount("sysfs", "/mnt/root/sys", "sysfs", nosuid, "")?;
+    mount("devtmpfs", "/mnt/root/dev", "devtmpfs", libc::MS_NOSUID, "")?;
+    mount(
+        "devpts",
+        "/mnt/root/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "",
+    )?;
+    mount("tmpfs", "/mnt/root/dev/shm", "tmpfs", nosuid, "")?;
+    mount(
+        "tmpfs",
+        "/mnt/root/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    Ok(())
+}
+
+/// Finds `name` in an /etc/passwd or /etc/group style file: (field 2, field 3) as numbers.
+fn lookup(file: &str, name: &str) -> Option<(u32, u32)> {
+    let text = fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.first() == Some(&name) {
+            let id = fields.get(2)?.parse().ok()?;
+            let gid = fields.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
+            Some((id, gid))
+        } else {
+            None
+        }
+    })
+}
+
+/// Resolves `user[:group]` (names or numbers) inside the image root.
+fn resolve_user(spec: &str) -> Result<(u32, u32), String> {
+    if spec.is_empty() {
+        return Ok((0, 0));
+    }
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let (uid, primary_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, lookup("/etc/passwd", user).map_or(uid, |(_, g)| g)),
+        Err(_) => {
+            lookup("/etc/passwd", user).ok_or_else(|| format!("no user {user:?} in the image"))?
+        }
+    };
+    let gid = match group {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                lookup("/etc/group", g)
+                    .ok_or_else(|| format!("no group {g:?} in the image"))?
+                    .0
+            }
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Runs the workload; returns its exit code.
+fn run(spec: &Spec, stdout: OwnedFd, stderr: OwnedFd, err: &mut dyn Write) -> i32 {
+    if let Err(e) = mount_root() {
+        let _ = writeln!(err, "anvil-agent: {e}");
+        return EXIT_CANNOT_RUN;
+    }
+    if let Ok(name) = cstr(&spec.hostname) {
+        // SAFETY: `name` is valid for its length.
+        unsafe { libc::sethostname(name.as_ptr(), spec.hostname.len()) };
+    }
+    let root = cstr("/mnt/root").expect("constant has no NUL");
+    // SAFETY: a valid path; chroot changes only this process's root.
+    if unsafe { libc::chroot(root.as_ptr()) } != 0 || std::env::set_current_dir("/").is_err() {
+        let _ = writeln!(
+            err,
+            "anvil-agent: chroot: {}",
+            std::io::Error::last_os_error()
+        );
+        return EXIT_CANNOT_RUN;
+    }
+    let (uid, gid) = match resolve_user(&spec.user) {
+        Ok(ids) => ids,
+        Err(e) => {
+            let _ = writeln!(err, "anvil-agent: {e}");
+            return EXIT_CANNOT_RUN;
+        }
+    };
+    let workdir = if spec.workdir.is_empty() {
+        "/"
+    } else {
+        spec.workdir.as_str()
+    };
+    // Like container runtimes: a missing working directory is created.
+    let _ = fs::create_dir_all(workdir);
+    let Some((program, args)) = spec.argv.split_first() else {
+        let _ = writeln!(
+            err,
+            "anvil-agent: no command (the image has no entrypoint or cmd)"
+        );
+        return EXIT_CANNOT_RUN;
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir(workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .uid(uid)
+        .gid(gid);
+    // With uid set, std also drops the supplementary groups (setgroups(0)) when run as root.
+    let child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = writeln!(err, "anvil-agent: cannot run {program:?}: {e}");
+            return if e.kind() == std::io::ErrorKind::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_RUN
+            };
+        }
+    };
+    drop(command);
+    let pid = child.id() as libc::pid_t;
+    // PID 1 reaps every orphan; the workload's status is the one that counts.
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if reaped == pid {
+            let status = std::process::ExitStatus::from_raw(status);
+            return status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(EXIT_CANNOT_RUN);
+        }
+        if reaped < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return EXIT_CANNOT_RUN;
+        }
+    }
+}
+
+fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers; with reboot=k the VMM sees an i8042 reset.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+fn main() {
+    let mut console = fs::OpenOptions::new().write(true).open("/dev/console").ok();
+    let fail = |console: &mut Option<fs::File>, why: String| -> ! {
+        if let Some(c) = console.as_mut() {
+            let _ = writeln!(c, "anvil-agent: {why}");
+        }
+        power_off()
+    };
+    let mut text = String::new();
+    if let Err(e) = fs::File::open("/anvil/spec.json").and_then(|mut f| f.read_to_string(&mut text))
+    {
+        fail(&mut console, format!("cannot read /anvil/spec.json: {e}"));
+    }
+    let spec: Spec = match serde_json::from_str(&text) {
+        Ok(s) => s,
+        Err(e) => fail(&mut console, format!("bad /anvil/spec.json: {e}")),
+    };
+    let streams = vsock_connect(spec.status_port).and_then(|status| {
+        Ok((
+            status,
+            vsock_connect(spec.stdout_port)?,
+            vsock_connect(spec.stderr_port)?,
+        ))
+    });
+    let (status, stdout, stderr) = match streams {
+        Ok(s) => s,
+        Err(e) => fail(&mut console, e),
+    };
+    let mut err = match stderr.try_clone() {
+        Ok(fd) => fs::File::from(fd),
+        Err(e) => fail(&mut console, format!("dup: {e}")),
+    };
+    let code = run(&spec, stdout, stderr, &mut err);
+    drop(err);
+    let mut status = fs::File::from(status);
+    let _ = writeln!(status, "exit {code}");
+    let _ = status.flush();
+    drop(status);
+    power_off()
+}
