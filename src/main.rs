@@ -1,6 +1,7 @@
 //! `anvil-vmm`: boots a guest in a KVM microVM. A thin `main`: parse the command line,
 //! build a [`vmm::VmConfig`], hand it to the VMM core and turn the outcome into an exit status.
 
+mod image_cmd;
 mod terminal;
 
 use std::path::PathBuf;
@@ -45,6 +46,12 @@ struct Cli {
 enum Command {
     /// Boot a guest kernel and connect its serial console (COM1) to this terminal.
     Boot(BootArgs),
+    /// Fetch and convert a container image; prints the path of its root disk.
+    Pull(image_cmd::PullArgs),
+    /// Run a container image's entrypoint in a microVM; exits with its exit code (125: anvil failed).
+    Run(image_cmd::RunArgs),
+    /// List (ls), remove (rm) or prune the cached images.
+    Images(image_cmd::ImagesArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -266,6 +273,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         },
+        Command::Pull(args) => return image_cmd::pull(args),
+        Command::Run(args) => return image_cmd::run(args, start),
+        Command::Images(args) => return image_cmd::images(args),
     };
     match result {
         Ok(VmOutcome::Reset) => ExitCode::from(EXIT_OK),

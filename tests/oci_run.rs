@@ -1,0 +1,484 @@
+//! `anvil-vmm pull`, `run` and `images` end to end. The test builds a busybox-based image
+//! itself (two layers: a whiteout, an opaque directory, env and a working directory in its
+//! configuration), pushes it to Debian's `docker-registry` on 127.0.0.1 and writes it as an OCI
+//! layout and a `docker save` archive.
+//!
+//! Host lane: the three sources convert to the same cached root disk. Linux lane (inside the L1
+//! machine on PVM hosts): `run` boots the image from each source, prints what the entrypoint
+//! prints, passes its exit code through, and serves a second run from the cache with the
+//! registry stopped.
+// Test helpers outside #[test] functions: a failed step should stop the test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{
+    anvil_vmm, linux_capable, linux_guest_dir, repo_root, run_with_deadline, Run, TempDir,
+};
+use oci::spec::RunConfig;
+use oci::writer::ImageBuilder;
+
+/// Generous: inside L1 every boot is emulated.
+const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const REPO: &str = "anvil/busybox";
+const TAG: &str = "v1";
+
+/// The entrypoint script: prints what the test checks and exits with its first argument.
+const REPORT_SH: &str = r#"echo "greeting=$GREETING"
+echo "pwd=$(pwd)"
+if [ -e /etc/removed ]; then echo "whiteout=not-applied"; else echo "whiteout=applied"; fi
+echo "opaque=$(ls /data/old | tr '\n' ' ')"
+echo "user=$(id -u)"
+echo "on-stderr" >&2
+exit "${1:-0}"
+"#;
+
+fn tar_layer(entries: &[(&str, Option<&[u8]>, u32)], symlinks: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data, mode) in entries {
+        let mut h = tar::Header::new_gnu();
+        match data {
+            Some(data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                h.set_mode(*mode);
+                h.set_cksum();
+                b.append_data(&mut h, name, *data).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(*mode);
+                h.set_cksum();
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            }
+        }
+    }
+    for (name, target) in symlinks {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_cksum();
+        b.append_link(&mut h, name, target).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The test image: busybox with its applets, then a layer that whites out /etc/removed,
+/// makes /data/old opaque and adds the entrypoint script.
+fn test_image() -> ImageBuilder {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox (Debian's busybox-static; scripts/test.sh installs it)");
+    let list = Command::new("/bin/busybox")
+        .arg("--list-full")
+        .output()
+        .unwrap();
+    let applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| !l.is_empty() && *l != "bin/busybox")
+        .map(str::to_string)
+        .collect();
+    let links: Vec<(&str, &str)> = applets
+        .iter()
+        .map(|a| (a.as_str(), "/bin/busybox"))
+        .collect();
+    let base = tar_layer(
+        &[
+            ("bin", None, 0o755),
+            ("bin/busybox", Some(&busybox), 0o755),
+            ("etc", None, 0o755),
+            (
+                "etc/passwd",
+                Some(b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"),
+                0o644,
+            ),
+            ("etc/group", Some(b"root:x:0:\nnogroup:x:65534:\n"), 0o644),
+            ("etc/removed", Some(b"gone in layer 2"), 0o644),
+            (
+                "data/old/lower-file",
+                Some(b"hidden by the opaque marker"),
+                0o644,
+            ),
+            ("data/old/sub/x", Some(b"also hidden"), 0o644),
+        ],
+        &links,
+    );
+    let top = tar_layer(
+        &[
+            ("etc/.wh.removed", Some(b""), 0o644),
+            ("data/old/.wh..wh..opq", Some(b""), 0o644),
+            ("data/old/upper-file", Some(b"visible"), 0o644),
+            ("work", None, 0o755),
+            ("report.sh", Some(REPORT_SH.as_bytes()), 0o755),
+        ],
+        &[],
+    );
+    ImageBuilder::new(RunConfig {
+        env: Some(vec![
+            "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "GREETING=hello-from-the-image".into(),
+        ]),
+        entrypoint: Some(vec!["/bin/sh".into(), "/report.sh".into()]),
+        cmd: Some(vec!["0".into()]),
+        working_dir: Some("/work".into()),
+        ..Default::default()
+    })
+    .layer(base)
+    .unwrap()
+    .layer(top)
+    .unwrap()
+}
+
+/// A local directory that can hold Unix sockets and flock'd files: the temporary directory,
+/// or a tmpfs mounted on it where that is 9p (inside the L1 machine, as root).
+struct LocalDir {
+    dir: TempDir,
+    mounted: bool,
+}
+
+impl LocalDir {
+    fn new(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let probe = dir.path("probe.sock");
+        let mounted = match std::os::unix::net::UnixListener::bind(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                false
+            }
+            Err(_) => {
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "tmpfs"])
+                    .arg(&dir.0)
+                    .status()
+                    .expect("run mount");
+                assert!(
+                    status.success(),
+                    "cannot mount a tmpfs for sockets and the cache"
+                );
+                true
+            }
+        };
+        Self { dir, mounted }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path(name)
+    }
+}
+
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.dir.0).status();
+        }
+    }
+}
+
+/// Debian's docker-registry serving from a scratch directory on 127.0.0.1.
+struct Registry {
+    child: Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Self {
+        // Loopback may be down inside the L1 machine.
+        let _ = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::create_dir_all(dir.join("storage")).unwrap();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("storage").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "docker-registry (Debian's docker-registry package; scripts/test.sh installs it)",
+            );
+        let registry = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !registry.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not come up on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        registry
+    }
+
+    /// True when GET /v2/ answers 200.
+    fn answers(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+    }
+
+    fn reference(&self) -> String {
+        format!("127.0.0.1:{}/{REPO}:{TAG}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The image in all three forms.
+struct Sources {
+    registry: Registry,
+    layout: String,
+    archive: String,
+}
+
+fn sources(dir: &LocalDir) -> Sources {
+    let image = test_image();
+    let registry = Registry::start(&dir.path("registry"));
+    image
+        .push(&format!("http://127.0.0.1:{}", registry.port), REPO, TAG)
+        .unwrap();
+    image.write_layout(&dir.path("layout"), TAG).unwrap();
+    image
+        .write_docker_archive(&dir.path("image.tar"), &format!("{REPO}:{TAG}"))
+        .unwrap();
+    Sources {
+        registry,
+        layout: format!("oci:{}:{TAG}", dir.path("layout").display()),
+        archive: format!("docker-archive:{}", dir.path("image.tar").display()),
+    }
+}
+
+fn anvil(dir: &LocalDir, args: &[&str]) -> Run {
+    // --data-dir right after the subcommand: after `--` it would be the workload's.
+    let mut cmd = Command::new(anvil_vmm());
+    cmd.arg(args[0])
+        .arg("--data-dir")
+        .arg(dir.path("data"))
+        .args(&args[1..])
+        .env("TMPDIR", &dir.dir.0)
+        .env("ANVIL_LOG", "warn");
+    run_with_deadline(cmd, RUN_TIMEOUT)
+}
+
+fn debugfs(disk: &str, request: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", request, disk])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A registry reference, an OCI layout and a docker archive of the same image convert to the
+/// same cached root disk, with the whiteout and opaque directory applied; `images` lists it
+/// and `images rm` and `prune` empty the cache.
+#[test]
+fn pull_converts_registry_layout_and_archive_alike() {
+    let dir = LocalDir::new("oci-pull");
+    let mut src = sources(&dir);
+    let from_registry = anvil(&dir, &["pull", &src.registry.reference()]);
+    assert_eq!(from_registry.status.code(), Some(0), "{from_registry:?}");
+    let disk = from_registry.stdout.trim().to_string();
+    assert!(disk.ends_with(".ext4"), "{from_registry:?}");
+    for source in [&src.layout, &src.archive] {
+        let run = anvil(&dir, &["pull", source]);
+        assert_eq!(run.status.code(), Some(0), "{run:?}");
+        assert_eq!(run.stdout.trim(), disk, "{source} gave another disk");
+    }
+    let etc = debugfs(&disk, "ls -l /etc");
+    assert!(etc.contains("passwd") && !etc.contains("removed"), "{etc}");
+    let old = debugfs(&disk, "ls -l /data/old");
+    assert!(
+        old.contains("upper-file") && !old.contains("lower-file") && !old.contains(" sub"),
+        "{old}"
+    );
+    assert!(debugfs(&disk, "stat /bin/sh").contains("Type: symlink"));
+
+    let list = anvil(&dir, &["images"]);
+    assert_eq!(list.status.code(), Some(0), "{list:?}");
+    assert_eq!(list.stdout.lines().count(), 2, "{list:?}");
+    assert!(list.stdout.contains(&src.registry.reference()), "{list:?}");
+
+    // pull always asks the registry: with it gone, a clear error.
+    src.registry.stop();
+    let offline = anvil(&dir, &["pull", &src.registry.reference()]);
+    assert_eq!(offline.status.code(), Some(1), "{offline:?}");
+    assert!(offline.stderr.contains("registry request"), "{offline:?}");
+    // An unknown tag in the layout is "image not found".
+    let missing = anvil(
+        &dir,
+        &[
+            "pull",
+            &format!("oci:{}:nope", dir.path("layout").display()),
+        ],
+    );
+    assert!(missing.stderr.contains("image not found"), "{missing:?}");
+
+    for source in [
+        src.registry.reference(),
+        src.layout.clone(),
+        src.archive.clone(),
+    ] {
+        let rm = anvil(&dir, &["images", "rm", &source]);
+        assert_eq!(rm.status.code(), Some(0), "{rm:?}");
+    }
+    assert!(!Path::new(&disk).exists());
+    let prune = anvil(&dir, &["images", "prune"]);
+    assert!(prune.stdout.starts_with("removed 3 blobs"), "{prune:?}");
+}
+
+/// The agent initramfs: $ANVIL_RUN_AGENT, else built by resources/agent/build-initramfs.sh
+/// into the build cache.
+fn agent_initramfs() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("ANVIL_RUN_AGENT") {
+            return PathBuf::from(path);
+        }
+        let out = std::env::var_os("ANVIL_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/anvil-cache"))
+            .join("agent");
+        let status = Command::new(repo_root().join("resources/agent/build-initramfs.sh"))
+            .arg(&out)
+            .status()
+            .expect("run resources/agent/build-initramfs.sh");
+        assert!(status.success(), "building the agent initramfs failed");
+        out.join("agent-initramfs.cpio.gz")
+    })
+    .clone()
+}
+
+/// `anvil-vmm run [flags] IMAGE [-- workload args]`.
+fn run_image(dir: &LocalDir, image: &str, flags: &[&str], workload: &[&str]) -> Run {
+    let kernel = linux_guest_dir().join("vmlinux");
+    let agent = agent_initramfs();
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--agent",
+        agent.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    args.push(image);
+    if !workload.is_empty() {
+        args.push("--");
+        args.extend_from_slice(workload);
+    }
+    anvil(dir, &args)
+}
+
+fn assert_report(run: &Run, code: i32) {
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    for expected in [
+        "greeting=hello-from-the-image",
+        "pwd=/work",
+        "whiteout=applied",
+        "opaque=upper-file ",
+        "user=0",
+    ] {
+        assert!(lines.contains(&expected), "missing {expected:?}: {run:?}");
+    }
+    assert!(
+        !run.stdout.contains("on-stderr"),
+        "stderr leaked into stdout: {run:?}"
+    );
+    assert!(run.stderr.contains("on-stderr"), "{run:?}");
+    assert_eq!(run.status.code(), Some(code), "{run:?}");
+}
+
+/// `run` boots the image as a microVM from a registry, an OCI layout and a docker archive: the
+/// entrypoint's stdout and stderr come back separately, its exit code (0 and non-zero)
+/// becomes anvil-vmm's, and with the registry stopped the next run comes from the cache.
+#[test]
+fn run_boots_the_image_from_registry_layout_archive_and_cache() {
+    if !linux_capable("run_boots_the_image_from_registry_layout_archive_and_cache") {
+        return;
+    }
+    let dir = LocalDir::new("oci-run");
+    let mut src = sources(&dir);
+    let reference = src.registry.reference();
+
+    let first = run_image(&dir, &reference, &[], &[]);
+    assert_report(&first, 0);
+    let failing = run_image(&dir, &reference, &[], &["7"]);
+    assert_report(&failing, 7);
+
+    // From the cache: the registry is gone.
+    src.registry.stop();
+    let cached = run_image(
+        &dir,
+        &reference,
+        &[
+            "--env",
+            "GREETING=overridden",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "65534",
+        ],
+        &["3"],
+    );
+    assert!(
+        cached.stdout.lines().any(|l| l == "greeting=overridden"),
+        "{cached:?}"
+    );
+    assert!(cached.stdout.lines().any(|l| l == "pwd=/tmp"), "{cached:?}");
+    assert!(
+        cached.stdout.lines().any(|l| l == "user=65534"),
+        "{cached:?}"
+    );
+    assert_eq!(cached.status.code(), Some(3), "{cached:?}");
+
+    for source in [&src.layout, &src.archive] {
+        let run = run_image(&dir, source, &[], &[]);
+        assert_report(&run, 0);
+    }
+    // A command that does not exist: 127, and the agent says why on stderr.
+    let missing = run_image(
+        &dir,
+        &src.layout,
+        &["--entrypoint", "/no/such/program"],
+        &[],
+    );
+    assert_eq!(missing.status.code(), Some(127), "{missing:?}");
+    assert!(missing.stderr.contains("cannot run"), "{missing:?}");
+}
