@@ -19,6 +19,10 @@ command -v setpriv >/dev/null 2>&1 || need="$need util-linux"                   
 command -v ip >/dev/null 2>&1 || need="$need iproute2"                           # taps, network namespaces
 command -v python3 >/dev/null 2>&1 || need="$need python3"                       # the Linux lane's HTTP peer
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need="$need qemu-system-x86"   # the L1 machine
+command -v docker-registry >/dev/null 2>&1 || need="$need docker-registry"       # OCI tests: a local registry
+[ -x /bin/busybox ] || need="$need busybox-static"                               # OCI tests: the image's userland
+command -v debugfs >/dev/null 2>&1 || need="$need e2fsprogs"                     # OCI root disks (mkfs.ext4 -d)
+command -v cpio >/dev/null 2>&1 || need="$need cpio"                             # the agent initramfs
 if [ -n "$need" ]; then
   if [ "$(id -u)" != 0 ]; then
     log "missing:$need (install them, or run as root)"
@@ -33,6 +37,10 @@ fi
 
 log "building (release)"
 cargo build --release --workspace
+# The guest agent of `anvil-vmm run` (static), packed into its initramfs once for both lanes.
+agent_dir=${ANVIL_CACHE_DIR:-$repo/target/anvil-cache}/agent
+"$repo/resources/agent/build-initramfs.sh" "$agent_dir"
+export ANVIL_RUN_AGENT="$agent_dir/agent-initramfs.cpio.gz"
 
 log "host lane: unit, test guest, CLI errors (and Linux where KVM runs it)"
 cargo test --release --workspace
@@ -48,10 +56,17 @@ fi
 
 log "this host's KVM (kvm_pvm) cannot run Linux: running the Linux lane inside the L1 machine"
 guest_dir=$("$repo/scripts/guest-artifacts.sh")
-test_bin=$(cargo test --release --test linux_boot --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*linux_boot-[^"]*"' | sed 's/^"executable":"//; s/"$//' | tail -n 1)
-[ -x "$test_bin" ] || { log "cannot find the linux_boot test binary"; exit 1; }
+test_binary() {
+  cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null |
+    grep -o "\"executable\":\"[^\"]*$1-[^\"]*\"" | sed 's/^"executable":"//; s/"$//' | tail -n 1
+}
+linux_bin=$(test_binary linux_boot)
+oci_bin=$(test_binary oci_run)
+[ -x "$linux_bin" ] || { log "cannot find the linux_boot test binary"; exit 1; }
+[ -x "$oci_bin" ] || { log "cannot find the oci_run test binary"; exit 1; }
 # ANVIL_REQUIRE_LINUX makes the Linux-lane tests fail instead of skipping if L1 cannot run them.
+# One L1 boot for both binaries; of oci_run only the tests that boot (pulls ran in the host lane).
 ANVIL_GUEST_DIR=$guest_dir ANVIL_REQUIRE_LINUX=1 \
-  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- "$test_bin" --test-threads=1
+  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1800 -- \
+  sh -c "\"\$1\" --test-threads=1 && \"\$2\" --test-threads=1 run_" sh "$linux_bin" "$oci_bin"
 log "Linux lane passed inside L1"

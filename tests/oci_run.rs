@@ -375,8 +375,11 @@ fn agent_initramfs() -> PathBuf {
             .map(PathBuf::from)
             .unwrap_or_else(|| repo_root().join("target/anvil-cache"))
             .join("agent");
+        // A target directory of its own: the build running these tests may hold the lock of
+        // the usual one.
         let status = Command::new(repo_root().join("resources/agent/build-initramfs.sh"))
             .arg(&out)
+            .env("CARGO_TARGET_DIR", repo_root().join("target/agent-build"))
             .status()
             .expect("run resources/agent/build-initramfs.sh");
         assert!(status.success(), "building the agent initramfs failed");
