@@ -421,8 +421,62 @@ fn finish(handle: JoinHandle<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
     }
 }
 
+/// Paths removed when a signal stops `run`.
+static CLEANUP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn remove_on_signal(path: &Path) {
+    if let Ok(mut paths) = CLEANUP.lock() {
+        paths.push(path.to_path_buf());
+    }
+}
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP stop the workload and the VM: the signals are blocked
+/// in every thread (this runs before any is started) and taken by one thread with sigwait,
+/// which removes the run's temporary files and exits with 128 + the signal, as a shell
+/// reports a job killed by it. The guest dies with the process.
+fn stop_on_signals() -> Result<(), String> {
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; all pointers are valid.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    };
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(format!(
+            "cannot block signals: {}",
+            std::io::Error::from_raw_os_error(rc)
+        ));
+    }
+    std::thread::Builder::new()
+        .name("anvil-signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            tracing::info!(signal = sig, "stopping the workload and the VM");
+            if let Ok(paths) = CLEANUP.lock() {
+                for path in paths.iter() {
+                    let _ = std::fs::remove_dir_all(path);
+                }
+            }
+            std::process::exit(128 + sig);
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the signal thread: {e}"))
+}
+
 /// `anvil-vmm run IMAGE`: exits with the workload's exit code.
 pub fn run(args: RunArgs, start: Instant) -> ExitCode {
+    if let Err(why) = stop_on_signals() {
+        return fail(EXIT_RUN_ERROR, &why);
+    }
     let reference = match ImageRef::parse(&args.image) {
         Ok(r) => r,
         Err(e) => return fail(EXIT_USAGE, &e.to_string()),
@@ -474,6 +528,9 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
         Ok(d) => d,
         Err(e) => return fail(EXIT_RUN_ERROR, &error_line(&e)),
     };
+    if args.rm {
+        remove_on_signal(&run_dir.path);
+    }
     let code = match run_vm(
         &args,
         &image,
@@ -522,6 +579,7 @@ fn run_vm(
     )));
     std::fs::create_dir_all(&sockets.0)
         .map_err(|e| format!("cannot create {}: {e}", sockets.0.display()))?;
+    remove_on_signal(&sockets.0);
     let uds = sockets.0.join("v.sock");
     let listen = |port: u32| {
         let path = format!("{}_{port}", uds.display());

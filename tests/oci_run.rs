@@ -485,3 +485,73 @@ fn run_boots_the_image_from_registry_layout_archive_and_cache() {
     assert_eq!(missing.status.code(), Some(127), "{missing:?}");
     assert!(missing.stderr.contains("cannot run"), "{missing:?}");
 }
+
+/// Ctrl-C stops the workload and the VM: SIGINT to `anvil-vmm run` while the workload sleeps
+/// ends it with 130 and removes the run's files (--rm).
+#[test]
+fn run_stops_on_ctrl_c() {
+    if !linux_capable("run_stops_on_ctrl_c") {
+        return;
+    }
+    let dir = LocalDir::new("oci-sigint");
+    test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+    let kernel = linux_guest_dir().join("vmlinux");
+    let mut child = Command::new(anvil_vmm())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir.path("data"))
+        .args(["--rm", "--entrypoint", "/bin/sh", "--kernel"])
+        .arg(&kernel)
+        .arg("--agent")
+        .arg(agent_initramfs())
+        .arg(format!("oci:{}:{TAG}", dir.path("layout").display()))
+        .args(["--", "-c", "echo started; sleep 600"])
+        .env("TMPDIR", &dir.dir.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line == "started" => break,
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the workload did not start");
+            }
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let stop_deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > stop_deadline {
+            let _ = child.kill();
+            panic!("anvil-vmm run did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let runs = std::fs::read_dir(dir.path("data/runs")).unwrap().count();
+    assert_eq!(runs, 0, "the run's directory was not removed");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir.dir.0)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("anvil-run-"))
+        .collect();
+    assert!(leftovers.is_empty(), "socket directory left behind");
+}
