@@ -391,6 +391,12 @@ pub struct FullVmConfiguration {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<serde_json::Value>,
+    /// virtio-pmem devices (not supported: only an empty list is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmem: Option<Vec<serde_json::Value>>,
+    /// Memory hotplug (not supported: refused when present).
+    #[serde(rename = "memory-hotplug", default, skip_serializing_if = "Option::is_none")]
+    pub memory_hotplug: Option<serde_json::Value>,
 }
 
 /// A resource update that is wrong; the message names the field.
@@ -579,6 +585,12 @@ impl VmResources {
         if full.mmds_config.is_some() {
             return Err(ResourceError::Unsupported("MMDS"));
         }
+        if full.pmem.is_some_and(|p| !p.is_empty()) {
+            return Err(ResourceError::Unsupported("virtio-pmem"));
+        }
+        if full.memory_hotplug.is_some() {
+            return Err(ResourceError::Unsupported("memory hotplug"));
+        }
         let mut res = Self::default();
         if let Some(b) = full.boot_source {
             res.set_boot_source(b)?;
@@ -622,6 +634,8 @@ impl VmResources {
             metrics: self.metrics.clone(),
             balloon: None,
             mmds_config: None,
+            pmem: None,
+            memory_hotplug: None,
         }
     }
 
