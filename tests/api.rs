@@ -101,7 +101,7 @@ impl ApiVmm {
             .iter()
             .filter(|(k, _)| k == "count")
             .filter_map(|(_, v)| v.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     }
 
@@ -435,4 +435,101 @@ fn a_socket_in_use_is_refused_and_a_stale_one_replaced() {
         send(&mut c, "GET", "/", None).json()["state"],
         "Not started"
     );
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[test]
+fn a_drive_is_swapped_while_the_guest_runs() {
+    if !kvm_available("a_drive_is_swapped_while_the_guest_runs") {
+        return;
+    }
+    let dir = TempDir::new("api-swap");
+    let sock = dir.path("api.sock");
+    let first = dir.path("first.img");
+    let second = dir.path("second.img");
+    std::fs::write(&first, vec![0u8; 1 << 20]).unwrap();
+    let new_disk: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&second, &new_disk).unwrap();
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    assert_204(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        &boot_source("tg.run=blk tg.blk_watch_ms=15000"),
+    );
+    let drive = serde_json::json!({
+        "drive_id": "data", "path_on_host": first, "is_root_device": false, "is_read_only": false,
+    });
+    assert_204(&mut c, "PUT", "/drives/data", &drive.to_string());
+    assert_204(
+        &mut c,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    );
+    vmm.wait_for("the blk workload to watch", |out| {
+        out.contains("TG blk_watching")
+    });
+
+    // Bad patches change nothing.
+    let before = send(&mut c, "GET", "/vm/config", None).body;
+    for (path, body, needle) in [
+        (
+            "/drives/data",
+            r#"{"drive_id": "data", "path_on_host": "/nonexistent.img"}"#,
+            "path_on_host",
+        ),
+        (
+            "/drives/other",
+            r#"{"drive_id": "other", "path_on_host": "/dev/null"}"#,
+            "no drive",
+        ),
+        ("/drives/data", r#"{"drive_id": "x"}"#, "drive_id"),
+        (
+            "/network-interfaces/eth0",
+            r#"{"iface_id": "eth0"}"#,
+            "no network interface",
+        ),
+    ] {
+        let r = send(&mut c, "PATCH", path, Some(body));
+        assert_eq!(r.status, 400, "{path}: {r:?}");
+        assert!(
+            r.json()["fault_message"].as_str().unwrap().contains(needle),
+            "{r:?}"
+        );
+    }
+    assert_eq!(send(&mut c, "GET", "/vm/config", None).body, before);
+
+    let patch = serde_json::json!({
+        "drive_id": "data",
+        "path_on_host": second,
+        "rate_limiter": {"ops": {"size": 1000, "refill_time": 100}},
+    });
+    assert_204(&mut c, "PATCH", "/drives/data", &patch.to_string());
+    let config = send(&mut c, "GET", "/vm/config", None).json();
+    assert_eq!(
+        config["drives"][0]["path_on_host"],
+        second.to_str().unwrap()
+    );
+    assert_eq!(config["drives"][0]["rate_limiter"]["ops"]["size"], 1000);
+    let mut vmm = vmm;
+    assert_eq!(vmm.wait_exit(), 0, "{}", vmm.output());
+    let tg: std::collections::BTreeMap<String, String> =
+        common::tg_lines(&vmm.output()).into_iter().collect();
+    assert_eq!(tg["blk_capacity_changed"], "4096");
+    assert_eq!(tg["blk_config_irq"], "1");
+    assert_eq!(
+        tg["blk_new_sum"],
+        format!("{:016x}", fnv1a(&new_disk[..512]))
+    );
+    // The first image was left as the guest wrote it; the second is untouched.
+    assert_eq!(std::fs::read(&second).unwrap(), new_disk);
 }

@@ -142,12 +142,8 @@ fn nothing_undocumented_is_served() {
     let doc = our_doc();
     let server = Server::start();
     let mut c = server.client();
-    let mut candidates: BTreeSet<String> = doc["paths"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
+    let mut candidates: BTreeSet<String> =
+        doc["paths"].as_object().unwrap().keys().cloned().collect();
     if let Some(fc) = firecracker_doc() {
         candidates.extend(fc["paths"].as_object().unwrap().keys().cloned());
     }
@@ -188,7 +184,10 @@ fn documented_gaps() -> BTreeSet<String> {
         .filter_map(|l| l.strip_prefix("- `"))
         .filter_map(|l| l.split_once("`:"))
         .map(|(gap, why)| {
-            assert!(!why.trim().is_empty(), "{gap}: no reason given in docs/api.md");
+            assert!(
+                !why.trim().is_empty(),
+                "{gap}: no reason given in docs/api.md"
+            );
             gap.to_string()
         })
         .collect()

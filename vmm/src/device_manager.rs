@@ -71,6 +71,10 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// The i8042 (for the host's Ctrl-Alt-Del).
     pub i8042: Arc<Mutex<I8042>>,
+    /// Handles on the block devices, by disk ID, to change them while the VM runs.
+    pub block_controls: Vec<(String, devices::virtio::block::BlockControl)>,
+    /// Handles on the network devices, in configuration order.
+    pub net_controls: Vec<devices::virtio::net::NetControl>,
     /// Virtio-mmio devices placed so far: their windows and GSIs, as the ACPI DSDT and the
     /// kernel command line describe them.
     pub virtio_devices: Vec<VirtioMmioDevice>,
@@ -136,6 +140,8 @@ impl DeviceManager {
             serial_input_room_evt,
             reset_evt,
             i8042,
+            block_controls: Vec::new(),
+            net_controls: Vec::new(),
             virtio_devices: Vec::new(),
         })
     }

@@ -395,7 +395,11 @@ pub struct FullVmConfiguration {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pmem: Option<Vec<serde_json::Value>>,
     /// Memory hotplug (not supported: refused when present).
-    #[serde(rename = "memory-hotplug", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory_hotplug: Option<serde_json::Value>,
 }
 
@@ -484,7 +488,11 @@ fn check_id(field: &'static str, id: &str) -> Result<(), ResourceError> {
     Ok(())
 }
 
-fn check_rate_limiter(field: &'static str, rl: Option<&RateLimiter>) -> Result<(), ResourceError> {
+/// Checks a rate limiter's values.
+pub fn check_rate_limiter(
+    field: &'static str,
+    rl: Option<&RateLimiter>,
+) -> Result<(), ResourceError> {
     let Some(rl) = rl else { return Ok(()) };
     for bucket in [rl.bandwidth, rl.ops].into_iter().flatten() {
         // A refill time beyond a day is almost certainly a unit mistake (seconds for ms).

@@ -22,11 +22,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
+use crate::controller::error_chain;
 use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
-use crate::resources::VmResources;
+use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
 use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
@@ -311,6 +312,9 @@ impl Vmm {
         for (index, disk) in config.disks.iter().enumerate() {
             let block =
                 Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -323,6 +327,7 @@ impl Vmm {
             let tap = Tap::open(&net.tap)?;
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
@@ -652,9 +657,14 @@ impl EventLoop {
             VmmAction::FlushMetrics
             | VmmAction::GetPrometheusMetrics
             | VmmAction::PutMetrics(_) => crate::controller::metrics_action(),
-            VmmAction::PatchDrive(..) | VmmAction::PatchNet(..) => Err(ActionError::Failed(
-                "updating devices of a running microVM is not available in this build".into(),
-            )),
+            VmmAction::PatchDrive(id, patch) => {
+                self.patch_drive(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNet(id, patch) => {
+                self.patch_net(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => Err(ActionError::State(
                 "InstanceStart: the microVM is already running".into(),
             )),
@@ -669,6 +679,75 @@ impl EventLoop {
             VmmAction::PutEntropy(_) => Err(ActionError::PreBootOnly("PUT /entropy")),
             VmmAction::PutLogger(_) => Err(ActionError::PreBootOnly("PUT /logger")),
         }
+    }
+
+    /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.
+    fn patch_drive(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialDrive,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let control = devices
+            .block_controls
+            .iter()
+            .find(|(d, _)| d == id)
+            .map(|(_, c)| c)
+            .ok_or_else(|| ActionError::State(format!("drive_id: no drive {id:?}")))?;
+        let limiter = patch.rate_limiter;
+        if let Some(rl) = &limiter {
+            check_rate_limiter("rate_limiter", Some(rl))?;
+        }
+        if let Some(path) = &patch.path_on_host {
+            control
+                .swap_file(path)
+                .map_err(|e| ActionError::Failed(format!("path_on_host: {}", error_chain(&e))))?;
+        }
+        if let Some(rl) = limiter {
+            control.set_rate_limit(rl.to_config());
+        }
+        if let Some(drive) = api.resources.drives.iter_mut().find(|d| d.drive_id == id) {
+            if let Some(path) = patch.path_on_host {
+                drive.path_on_host = Some(path);
+            }
+            if limiter.is_some() {
+                drive.rate_limiter = limiter;
+            }
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}`: replaces the rate limiters.
+    fn patch_net(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialNetworkInterface,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let index = api
+            .resources
+            .nets
+            .iter()
+            .position(|n| n.iface_id == id)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        let control = devices
+            .net_controls
+            .get(index)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        check_rate_limiter("rx_rate_limiter", patch.rx_rate_limiter.as_ref())?;
+        check_rate_limiter("tx_rate_limiter", patch.tx_rate_limiter.as_ref())?;
+        let net = &mut api.resources.nets[index];
+        if let Some(rl) = patch.rx_rate_limiter {
+            control.set_rx_rate_limit(rl.to_config());
+            net.rx_rate_limiter = Some(rl);
+        }
+        if let Some(rl) = patch.tx_rate_limiter {
+            control.set_tx_rate_limit(rl.to_config());
+            net.tx_rate_limiter = Some(rl);
+        }
+        Ok(())
     }
 
     /// Pauses or resumes every vCPU and waits until each has answered.
