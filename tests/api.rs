@@ -17,7 +17,8 @@ use common::{anvil_vmm, kvm_available, testguest, TempDir};
 /// An anvil-vmm process in Firecracker mode, its console output collected as it comes.
 struct ApiVmm {
     child: Child,
-    output: Arc<Mutex<String>>,
+    /// stdout (the guest console) and stderr (the log), kept apart so lines do not mix.
+    streams: [Arc<Mutex<String>>; 2],
     socket: PathBuf,
 }
 
@@ -35,12 +36,17 @@ impl ApiVmm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
+        let streams = [
+            Arc::new(Mutex::new(String::new())),
+            Arc::new(Mutex::new(String::new())),
+        ];
+        for (stream, output) in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
+        ]
+        .into_iter()
+        .zip(streams.clone())
+        {
             std::thread::spawn(move || {
                 let mut stream = stream;
                 let mut buf = [0u8; 4096];
@@ -57,7 +63,7 @@ impl ApiVmm {
         }
         Self {
             child,
-            output,
+            streams,
             socket,
         }
     }
@@ -78,8 +84,15 @@ impl ApiVmm {
         }
     }
 
+    /// The console and then the log.
     fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
+        let out = self.streams[0].lock().unwrap().clone();
+        out + &self.streams[1].lock().unwrap()
+    }
+
+    /// The guest console alone.
+    fn console(&self) -> String {
+        self.streams[0].lock().unwrap().clone()
     }
 
     /// Waits until `cond` holds for the output.
@@ -97,7 +110,7 @@ impl ApiVmm {
 
     /// The last `TG count=` the guest printed.
     fn count(&self) -> u64 {
-        common::tg_lines(&self.output())
+        common::tg_lines(&self.console())
             .iter()
             .filter(|(k, _)| k == "count")
             .filter_map(|(_, v)| v.parse().ok())
@@ -208,7 +221,7 @@ fn boots_by_api_calls_alone_then_pauses_resumes_and_takes_ctrl_alt_del() {
     assert_204(&mut c, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(send(&mut c, "GET", "/", None).json()["state"], "Running");
     vmm.wait_for("the counter to move on", |_| vmm.count() >= paused_at + 5);
-    let counts: Vec<u64> = common::tg_lines(&vmm.output())
+    let counts: Vec<u64> = common::tg_lines(&vmm.console())
         .iter()
         .filter(|(k, _)| k == "count")
         .map(|(_, v)| v.parse().unwrap())
@@ -523,7 +536,7 @@ fn a_drive_is_swapped_while_the_guest_runs() {
     let mut vmm = vmm;
     assert_eq!(vmm.wait_exit(), 0, "{}", vmm.output());
     let tg: std::collections::BTreeMap<String, String> =
-        common::tg_lines(&vmm.output()).into_iter().collect();
+        common::tg_lines(&vmm.console()).into_iter().collect();
     assert_eq!(tg["blk_capacity_changed"], "4096");
     assert_eq!(tg["blk_config_irq"], "1");
     assert_eq!(

@@ -16,4 +16,4 @@ pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
-pub use vmm::{ApiContext, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};
