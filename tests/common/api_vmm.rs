@@ -89,7 +89,12 @@ impl ApiVmm {
 
     /// The guest console alone.
     pub fn console(&self) -> String {
-        self.streams[0].lock().unwrap().clone()
+        // Complete lines only: the guest may be half-way through one.
+        let text = self.streams[0].lock().unwrap().clone();
+        match text.rfind('\n') {
+            Some(end) => text[..=end].to_string(),
+            None => String::new(),
+        }
     }
 
     /// Waits until `cond` holds for the output.
