@@ -631,7 +631,7 @@ fn run_vm(
     };
     config.validate().map_err(|e| e.to_string())?;
     let vmm = Vmm::build(&config, start).map_err(|e| error_line(&e))?;
-    let outcome = vmm.run(None).map_err(|e| error_line(&e))?;
+    let outcome = vmm.run(None, None).map_err(|e| error_line(&e))?;
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let status = finish(status, deadline).unwrap_or_default();
     finish(stdout, deadline);
