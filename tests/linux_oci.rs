@@ -36,6 +36,7 @@ echo "pwd=$(pwd)"
 if [ -e /etc/removed ]; then echo "whiteout=not-applied"; else echo "whiteout=applied"; fi
 echo "opaque=$(ls /data/old | tr '\n' ' ')"
 echo "user=$(id -u)"
+echo "lo-flags=$(cat /sys/class/net/lo/flags)"
 echo "on-stderr" >&2
 exit "${1:-0}"
 "#;
@@ -417,6 +418,7 @@ fn assert_report(run: &Run, code: i32) {
         "whiteout=applied",
         "opaque=upper-file ",
         "user=0",
+        "lo-flags=0x9",
     ] {
         assert!(lines.contains(&expected), "missing {expected:?}: {run:?}");
     }

@@ -454,6 +454,10 @@ impl Store {
         let lock_path = image.disk.with_extension("lock");
         let disk_lock = FileLock::acquire(&lock_path, LockMode::Shared, true)?
             .ok_or_else(|| ImageError::InUse(image.disk.display().to_string()))?;
+        // `images rm` may have removed the image between the lookup and this lock.
+        if !image.disk.exists() {
+            return Err(ImageError::NotFound(image.disk.display().to_string()));
+        }
         let path = self.dir.join("runs").join(unique_name("run"));
         fs::create_dir_all(&path).map_err(io_err(&path))?;
         let run_lock = FileLock::acquire(&path.join("lock"), LockMode::Exclusive, true)?
