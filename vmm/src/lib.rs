@@ -12,6 +12,7 @@ pub mod logger;
 pub mod memory;
 pub mod resources;
 pub mod rpc;
+pub mod snapshot;
 pub mod vcpu;
 mod vmm;
 
