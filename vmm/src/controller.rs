@@ -52,6 +52,7 @@ struct PrepareSpec {
     kvm_device: PathBuf,
     mem_size_mib: u64,
     vcpu_count: u8,
+    track_dirty_pages: bool,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
 }
@@ -78,6 +79,7 @@ impl Preparer {
                 .unwrap_or_else(|| PathBuf::from("/dev/kvm")),
             mem_size_mib: resources.machine.mem_size_mib,
             vcpu_count,
+            track_dirty_pages: resources.machine.track_dirty_pages,
             kernel: resources
                 .boot_source
                 .as_ref()
@@ -97,6 +99,7 @@ impl Preparer {
             vcpu_count,
             mem_size_mib: spec.mem_size_mib,
             kvm_device: spec.kvm_device.clone(),
+            track_dirty_pages: spec.track_dirty_pages,
             ..VmConfig::default()
         };
         match std::thread::Builder::new()
@@ -164,11 +167,6 @@ fn load_snapshot(
             ))
         }
     };
-    if params.enable_diff_snapshots || params.track_dirty_pages {
-        return Err(ActionError::Failed(
-            "track_dirty_pages: dirty page tracking is not supported yet".into(),
-        ));
-    }
     if !params.network_overrides.is_empty() || params.vsock_override.is_some() {
         return Err(ActionError::Failed(
             "network_overrides/vsock_override: snapshots with devices are not supported yet".into(),
@@ -186,9 +184,11 @@ fn load_snapshot(
         .kvm_device
         .clone()
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
-    let vmm = Vmm::restore(&state, &mem_file, &kvm_device, start).map_err(|e| fail(&e))?;
+    let track = params.enable_diff_snapshots || params.track_dirty_pages;
+    let vmm = Vmm::restore(&state, &mem_file, &kvm_device, track, start).map_err(|e| fail(&e))?;
     let mut saved = VmResources::from_saved(full);
     saved.kvm_device = resources.kvm_device.clone();
+    saved.machine.track_dirty_pages = track;
     Ok((vmm, saved))
 }
 

@@ -1042,6 +1042,7 @@ impl VmResources {
                 guest_cid: v.guest_cid,
                 uds_path: v.uds_path.clone(),
             }),
+            track_dirty_pages: self.machine.track_dirty_pages,
         };
         config.validate()?;
         Ok(config)

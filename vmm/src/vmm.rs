@@ -184,6 +184,7 @@ pub struct PrepareKey {
     kvm_device: PathBuf,
     mem_size_mib: u64,
     vcpu_count: u8,
+    track_dirty_pages: bool,
 }
 
 impl PrepareKey {
@@ -192,6 +193,7 @@ impl PrepareKey {
             kvm_device: config.kvm_device.clone(),
             mem_size_mib: config.mem_size_mib,
             vcpu_count: config.vcpu_count,
+            track_dirty_pages: config.track_dirty_pages,
         }
     }
 }
@@ -334,7 +336,9 @@ impl PreparedVm {
         let loaded = std::thread::scope(|scope| {
             // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
             // waits for an SRCU grace period): load the kernel meanwhile.
-            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let slots = scope.spawn(|| {
+                crate::memory::register_with_kvm(&vm, &guest_memory, config.track_dirty_pages)
+            });
             let loaded = if config.kernel.as_os_str().is_empty() {
                 Ok(None)
             } else {
@@ -598,6 +602,7 @@ impl Vmm {
         state: &MicrovmState,
         mem_file: &std::path::Path,
         kvm_device: &std::path::Path,
+        track_dirty_pages: bool,
         start: Instant,
     ) -> Result<Self, VmmError> {
         let kvm = crate::kvm::open(kvm_device)?;
@@ -628,7 +633,7 @@ impl Vmm {
         .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
         let guest_memory = crate::snapshot::map_memory(mem_file, &state.memory)
             .map_err(|e| snapshot_error(error_chain(&e)))?;
-        crate::memory::register_with_kvm(&vm, &guest_memory)?;
+        crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
         let devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
         let msr_list = std::sync::Arc::new(
@@ -976,9 +981,15 @@ impl EventLoop {
                 "the microVM must be paused to take a snapshot (PATCH /vm Paused)".into(),
             ));
         }
-        if params.snapshot_type == SnapshotType::Diff {
-            return Err(ActionError::Failed(
-                "snapshot_type: Diff snapshots are not supported yet".into(),
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        if params.snapshot_type == SnapshotType::Diff && !tracking {
+            return Err(ActionError::State(
+                "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
+                 configuration (or enable_diff_snapshots when loading)"
+                    .into(),
             ));
         }
         if !devices.virtio_devices.is_empty() {
@@ -1046,8 +1057,19 @@ impl EventLoop {
             config_json: serde_json::to_string(&resources.full_config())
                 .map_err(|e| ActionError::Failed(e.to_string()))?,
         };
-        crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
-            .map_err(|e| failed(&e))?;
+        if params.snapshot_type == SnapshotType::Diff {
+            let bytes =
+                crate::snapshot::write_dirty_memory(&params.mem_file_path, machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            tracing::info!(bytes, "diff snapshot: dirty pages written");
+        } else {
+            crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
+                .map_err(|e| failed(&e))?;
+            if tracking {
+                crate::snapshot::clear_dirty_log(machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            }
+        }
         crate::snapshot::write_state(&params.snapshot_path, &state).map_err(|e| failed(&e))?;
         tracing::info!(
             state = %params.snapshot_path.display(),

@@ -244,6 +244,133 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotEr
         .map_err(io("cannot write memory file", path))
 }
 
+/// Writes the pages KVM logged as dirty since the last call (slot N is region N of `mem`) to
+/// `path`, at their offsets in the memory file layout; everything else is a hole. Dirty pages
+/// are written even when they are all zero, so the file's data extents are exactly the
+/// dirty pages (what [`merge_memory`] copies).
+pub fn write_dirty_memory(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    vm: &kvm_ioctls::VmFd,
+) -> Result<u64, SnapshotError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io("cannot create memory file", path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total)
+        .map_err(io("cannot size memory file", path))?;
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut page = vec![0u8; PAGE];
+    for (slot, region) in mem.iter().enumerate() {
+        let len = region.len();
+        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+        let size = usize::try_from(len).unwrap_or(usize::MAX);
+        let bitmap = vm
+            .get_dirty_log(slot, size)
+            .map_err(|e| SnapshotError::Memory {
+                path: path.to_path_buf(),
+                why: format!("KVM cannot report the dirty pages: {e}"),
+            })?;
+        for (word_index, word) in bitmap.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let at = (word_index as u64 * 64 + bit) * PAGE as u64;
+                if at >= len {
+                    break;
+                }
+                let n = usize::try_from((len - at).min(PAGE as u64)).unwrap_or(PAGE);
+                region
+                    .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
+                    .map_err(|e| SnapshotError::Memory {
+                        path: path.to_path_buf(),
+                        why: format!("cannot read guest memory: {e}"),
+                    })?;
+                file.write_all_at(&page[..n], offset + at)
+                    .map_err(io("cannot write memory file", path))?;
+                written += n as u64;
+            }
+        }
+        offset += len;
+    }
+    file.sync_all()
+        .map_err(io("cannot write memory file", path))?;
+    Ok(written)
+}
+
+/// Forgets the pages KVM logged as dirty so far (after a full snapshot, the next diff is
+/// relative to it).
+pub fn clear_dirty_log(mem: &GuestMemoryMmap, vm: &kvm_ioctls::VmFd) -> Result<(), SnapshotError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+        vm.get_dirty_log(slot, usize::try_from(region.len()).unwrap_or(usize::MAX))
+            .map_err(|e| {
+                SnapshotError::Invalid(format!("KVM cannot report the dirty pages: {e}"))
+            })?;
+    }
+    Ok(())
+}
+
+/// Applies a diff snapshot's memory file to its base: the diff's data extents (its dirty
+/// pages) are copied over the base at the same offsets. The two must be the same size.
+pub fn merge_memory(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let diff_file = File::open(diff).map_err(io("cannot open diff memory file", diff))?;
+    let base_file = OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(io("cannot open base memory file", base))?;
+    let len = diff_file
+        .metadata()
+        .map_err(io("cannot read diff memory file", diff))?
+        .len();
+    let base_len = base_file
+        .metadata()
+        .map_err(io("cannot read base memory file", base))?
+        .len();
+    if len != base_len {
+        return Err(SnapshotError::Memory {
+            path: diff.to_path_buf(),
+            why: format!("{len} bytes, but the base is {base_len}: not a diff of it"),
+        });
+    }
+    let fd = diff_file.as_raw_fd();
+    let seek = |from: u64, whence: i32| -> Option<u64> {
+        let from = i64::try_from(from).ok()?;
+        // SAFETY: lseek on a descriptor we own; SEEK_DATA/SEEK_HOLE only report offsets.
+        let at = unsafe { libc::lseek(fd, from, whence) };
+        u64::try_from(at).ok()
+    };
+    let mut copied = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while let Some(start) = seek(at, libc::SEEK_DATA).filter(|&s| s < len) {
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        let mut pos = start;
+        while pos < end {
+            let n = usize::try_from((end - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+            diff_file
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(io("cannot read diff memory file", diff))?;
+            base_file
+                .write_all_at(&buf[..n], pos)
+                .map_err(io("cannot write base memory file", base))?;
+            pos += n as u64;
+            copied += n as u64;
+        }
+        at = end;
+    }
+    base_file
+        .sync_all()
+        .map_err(io("cannot write base memory file", base))?;
+    Ok(copied)
+}
+
 /// Maps the memory file at `path` as guest memory: a private mapping per region, so pages
 /// are read on first touch and guest writes never reach the file.
 pub fn map_memory(
