@@ -379,3 +379,73 @@ fn a_diff_snapshot_merged_onto_its_base_equals_a_full_one() {
     assert_eq!(r.status, 400);
     assert!(r.body.contains("track_dirty_pages"), "{r:?}");
 }
+
+#[test]
+fn a_page_fault_handler_serves_the_restored_memory() {
+    if !kvm_available("a_page_fault_handler_serves_the_restored_memory") {
+        return;
+    }
+    let dir = TempDir::new("snap-uffd");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (vmm, mut c) = boot(
+        &dir,
+        "source",
+        "tg.run=memtest tg.rounds=12 tg.dirty_pages=64 tg.dirty_rate=640 tg.mem_limit_mib=24",
+        "TG round=4 ",
+    );
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+    let handler_sock = dir.path("uffd.sock");
+    let handler = std::process::Command::new(env!("CARGO_BIN_EXE_anvil-uffd-handler"))
+        .arg(&handler_sock)
+        .arg(&mem)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !handler_sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handler never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sock = dir.path("restored.sock");
+    let mut restored = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = restored.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": handler_sock},
+            "resume_vm": true,
+        }),
+    );
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(90)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let out = restored.console();
+    assert!(
+        out.contains("TG round=12 ") && out.contains("TG verify=ok"),
+        "{out}"
+    );
+    assert!(!out.contains("TG round=1 "), "{out}");
+    // The handler saw the VMM go and reports the pages it filled.
+    let output = handler.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        pages > 1000,
+        "the handler must have filled the tested memory: {text}"
+    );
+}

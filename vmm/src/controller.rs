@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::config::VmConfig;
-use crate::vmm::PreparedVm;
+use crate::vmm::{MemorySource, PreparedVm};
 
 use crate::resources::{
     FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
@@ -155,12 +155,10 @@ fn load_snapshot(
             ))
         }
         (Some(b), None) if b.backend_type == MemBackendType::Uffd => {
-            return Err(ActionError::Failed(
-                "mem_backend: the Uffd backend is not supported yet; use File".into(),
-            ))
+            MemorySource::Uffd(b.backend_path.clone())
         }
-        (Some(b), None) => b.backend_path.clone(),
-        (None, Some(path)) => path.clone(),
+        (Some(b), None) => MemorySource::File(b.backend_path.clone()),
+        (None, Some(path)) => MemorySource::File(path.clone()),
         (None, None) => {
             return Err(ActionError::Failed(
                 "mem_backend: the memory file is missing".into(),

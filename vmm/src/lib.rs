@@ -17,4 +17,4 @@ pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
-pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, MemorySource, PreparedVm, VmOutcome, Vmm, VmmError};

@@ -166,7 +166,9 @@ struct Parts {
 /// A built VM, ready to run.
 #[derive(Debug)]
 pub struct Vmm {
-    // Kept open for the VM's lifetime.
+    // Kept open for the VM's lifetime: a userfaultfd backend's fd and handler connection
+    // (closing the fd would turn missing pages into zero pages).
+    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
     _kvm: Kvm,
     _vm: VmFd,
     _guest_memory: GuestMemoryMmap,
@@ -176,6 +178,15 @@ pub struct Vmm {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+}
+
+/// Where a snapshot's guest memory comes from.
+#[derive(Debug, Clone)]
+pub enum MemorySource {
+    /// A private mapping of the memory file.
+    File(PathBuf),
+    /// A page-fault handler listening on this Unix socket (Firecracker's Uffd backend).
+    Uffd(PathBuf),
 }
 
 /// What a [`PreparedVm`] was made for: a different value needs a new one.
@@ -445,6 +456,7 @@ impl Vmm {
             preloaded,
         )?;
         Ok(Self {
+            _uffd: None,
             _kvm: prepared.kvm,
             _vm: prepared.vm,
             _guest_memory: prepared.guest_memory,
@@ -600,7 +612,7 @@ impl Vmm {
     /// CPU feature the guest was given.
     pub fn restore(
         state: &MicrovmState,
-        mem_file: &std::path::Path,
+        memory: &MemorySource,
         kvm_device: &std::path::Path,
         track_dirty_pages: bool,
         start: Instant,
@@ -631,8 +643,18 @@ impl Vmm {
             ..Default::default()
         })
         .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
-        let guest_memory = crate::snapshot::map_memory(mem_file, &state.memory)
-            .map_err(|e| snapshot_error(error_chain(&e)))?;
+        let (guest_memory, uffd) = match memory {
+            MemorySource::File(path) => (
+                crate::snapshot::map_memory(path, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?,
+                None,
+            ),
+            MemorySource::Uffd(socket) => {
+                let m = crate::snapshot::uffd::connect(socket, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?;
+                (m.memory, Some((m.uffd, m.stream)))
+            }
+        };
         crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
         let devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
@@ -678,6 +700,7 @@ impl Vmm {
             "snapshot loaded"
         );
         Ok(Self {
+            _uffd: uffd,
             _kvm: kvm,
             _vm: vm,
             _guest_memory: guest_memory,
