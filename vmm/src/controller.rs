@@ -183,8 +183,10 @@ fn load_snapshot(
         .clone()
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
     let track = params.enable_diff_snapshots || params.track_dirty_pages;
-    let vmm = Vmm::restore(&state, &mem_file, &kvm_device, track, start).map_err(|e| fail(&e))?;
     let mut saved = VmResources::from_saved(full);
+    let config = saved.vm_config()?;
+    let vmm = Vmm::restore(&state, &config, &mem_file, &kvm_device, track, start)
+        .map_err(|e| fail(&e))?;
     saved.kvm_device = resources.kvm_device.clone();
     saved.machine.track_dirty_pages = track;
     Ok((vmm, saved))

@@ -370,15 +370,19 @@ impl PreparedVm {
     }
 }
 
-/// A locally administered unicast MAC address for interface `index` of this VMM process.
-fn default_mac(index: usize) -> [u8; 6] {
-    let pid = std::process::id().to_be_bytes();
+/// A locally administered unicast MAC address for interface `index` on `tap`: derived from
+/// the tap's name, so the same VM (or its snapshot, restored on the same tap) keeps it.
+fn default_mac(tap: &str, index: usize) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let h = h.to_be_bytes();
     [
         0x06,
-        0x00,
-        pid[1],
-        pid[2],
-        pid[3],
+        h[0],
+        h[1],
+        h[2],
+        h[3],
         u8::try_from(index).unwrap_or(0),
     ]
 }
@@ -485,35 +489,8 @@ impl Vmm {
             None => Preloaded::load(config, guest_memory)?,
         };
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
-        if config.rng {
-            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
-        }
         let mut cmdline = config.cmdline.clone();
-        for (index, disk) in config.disks.iter().enumerate() {
-            let block =
-                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
-            devices
-                .block_controls
-                .push((disk.id.clone(), block.control()));
-            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
-            if disk.root {
-                // Disks are probed in command-line order: the first is vda.
-                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
-                let mode = if disk.read_only { "ro" } else { "rw" };
-                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
-            }
-        }
-        for (index, net) in config.nets.iter().enumerate() {
-            let tap = Tap::open(&net.tap)?;
-            let mac = net.mac.unwrap_or_else(|| default_mac(index));
-            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
-            devices.net_controls.push(device.control());
-            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
-        }
-        if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
-            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
-        }
+        cmdline.push_str(&Self::add_devices(config, vm, guest_memory, &mut devices)?);
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in devices.virtio_cmdline() {
             cmdline.push(' ');
@@ -612,6 +589,7 @@ impl Vmm {
     /// CPU feature the guest was given.
     pub fn restore(
         state: &MicrovmState,
+        config: &VmConfig,
         memory: &MemorySource,
         kvm_device: &std::path::Path,
         track_dirty_pages: bool,
@@ -656,8 +634,17 @@ impl Vmm {
             }
         };
         crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
-        let devices =
+        let mut devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
+        // Disks and taps are reopened by path, in the order they had.
+        Self::add_devices(config, &vm, &guest_memory, &mut devices)?;
+        if devices.transports.len() != state.virtio.len() {
+            return Err(snapshot_error(format!(
+                "{} virtio devices saved, the configuration has {}",
+                state.virtio.len(),
+                devices.transports.len()
+            )));
+        }
         let msr_list = std::sync::Arc::new(
             crate::snapshot::state::msr_list(&kvm).map_err(|e| snapshot_error(error_chain(&e)))?,
         );
@@ -694,6 +681,14 @@ impl Vmm {
             .vm
             .restore(&vm)
             .map_err(|e| snapshot_error(error_chain(&e)))?;
+        for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate()
+        {
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)
+                .map_err(|why| snapshot_error(format!("virtio device {index}: {why}")))?;
+        }
         tracing::info!(
             vcpus = state.vcpu_count,
             mib = state.mem_size_mib,
@@ -711,6 +706,47 @@ impl Vmm {
             vcpu_events_evt,
             protocol: BootProtocol::Linux64,
         })
+    }
+
+    /// Creates the virtio devices of `config` in their fixed order (rng, disks, nets, vsock),
+    /// which is also their order on the MMIO bus; returns what they add to the kernel
+    /// command line (`root=`).
+    fn add_devices(
+        config: &VmConfig,
+        vm: &VmFd,
+        guest_memory: &GuestMemoryMmap,
+        devices: &mut DeviceManager,
+    ) -> Result<String, VmmError> {
+        let mut cmdline = String::new();
+        if config.rng {
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
+        }
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block =
+                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
+            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
+            if disk.root {
+                // Disks are probed in command-line order: the first is vda.
+                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
+                let mode = if disk.read_only { "ro" } else { "rw" };
+                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
+            }
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let tap = Tap::open(&net.tap)?;
+            let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap, index));
+            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
+            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
+        }
+        Ok(cmdline)
     }
 
     /// The boot protocol the kernel is entered with.
@@ -764,6 +800,9 @@ const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
+
+/// virtio device ID of vsock (virtio 1.2, 5).
+const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1015,11 +1054,45 @@ impl EventLoop {
                     .into(),
             ));
         }
-        if !devices.virtio_devices.is_empty() {
+        let has_vsock = devices
+            .transports
+            .iter()
+            .any(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type() == VIRTIO_ID_VSOCK);
+        if has_vsock {
             return Err(ActionError::Failed(
-                "snapshots of microVMs with virtio devices are not supported yet".into(),
+                "snapshots of microVMs with a vsock device are not supported yet".into(),
             ));
         }
+        // The devices stop touching guest memory; they start again below.
+        let virtio: Vec<_> = devices
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect();
+        let result =
+            self.write_snapshot(params, devices, vcpu_events, vcpus, machine, virtio.clone());
+        for (t, state) in devices.transports.iter().zip(&virtio) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save(state);
+        }
+        result
+    }
+
+    /// The vCPUs', VM's and devices' state and guest memory, to the snapshot files.
+    fn write_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+        virtio: Vec<devices::virtio::mmio::MmioTransportState>,
+    ) -> Result<(), ActionError> {
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
         let api = self.api.as_ref().ok_or(ActionError::VmmGone)?;
         let resources = api.resources.clone();
         let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
@@ -1077,6 +1150,7 @@ impl EventLoop {
             vm: KvmVmState::save(machine.vm).map_err(|e| failed(&e))?,
             vcpus: states.into_iter().flatten().collect(),
             legacy,
+            virtio,
             config_json: serde_json::to_string(&resources.full_config())
                 .map_err(|e| ActionError::Failed(e.to_string()))?,
         };
