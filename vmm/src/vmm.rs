@@ -681,6 +681,18 @@ impl Vmm {
             .vm
             .restore(&vm)
             .map_err(|e| snapshot_error(error_chain(&e)))?;
+        // Interrupts raised while the devices were rebuilt were lost when the interrupt
+        // controllers took their saved state: raise the pending ones again.
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
+        devices
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
         for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate()
         {
             transport
