@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use oci::{Image, ImageRef, RegistryOptions, Store};
 use serde::Serialize;
 use vmm::config::{parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig};
-use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
+use vmm::{VmConfig, VmOutcome, Vmm};
 
 /// Exit status of `run` when anvil itself fails (as `docker run` does): the workload's own
 /// codes pass through unchanged.
@@ -608,9 +608,6 @@ fn run_vm(
         },
         vcpu_count,
         mem_size_mib,
-        cpu_template: None,
-        boot_protocol: BootProtocolChoice::Auto,
-        kvm_device: PathBuf::from("/dev/kvm"),
         rng: true,
         disks: disks
             .iter()
@@ -628,6 +625,8 @@ fn run_vm(
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),
         }),
+        // Defaults for the rest: auto boot protocol, /dev/kvm, no CPU template.
+        ..VmConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
     let vmm = Vmm::build(&config, start).map_err(|e| error_line(&e))?;

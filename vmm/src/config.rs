@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// KVM logs the pages the guest dirties (for diff snapshots).
+    pub track_dirty_pages: bool,
 }
 
 /// A virtio-vsock device in Firecracker's hybrid style.
@@ -288,6 +290,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            track_dirty_pages: false,
         }
     }
 }

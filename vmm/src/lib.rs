@@ -12,8 +12,9 @@ pub mod logger;
 pub mod memory;
 pub mod resources;
 pub mod rpc;
+pub mod snapshot;
 pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
-pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, MemorySource, PreparedVm, VmOutcome, Vmm, VmmError};

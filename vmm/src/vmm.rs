@@ -27,8 +27,13 @@ use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
-use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
+use crate::resources::{
+    check_rate_limiter, PartialDrive, PartialNetworkInterface, SnapshotCreateParams, SnapshotType,
+    VmResources,
+};
 use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
+use crate::snapshot::state::LegacyState;
+use crate::snapshot::{MicrovmState, VcpuState, VmState as KvmVmState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
 /// How often the event loop checks that the guest can still make progress.
@@ -127,8 +132,16 @@ pub struct ApiContext {
     pub resources: VmResources,
     /// The instance ID (`GET /`).
     pub instance_id: String,
-    /// The `InstanceStart` request, answered once the vCPUs run.
+    /// The `InstanceStart` (or snapshot load) request, answered once the vCPUs run.
     pub start_reply: Option<Sender<ActionResult>>,
+    /// Start with the vCPUs paused (a snapshot loaded without `resume_vm`).
+    pub start_paused: bool,
+}
+
+/// The VM-wide KVM objects the event loop needs for snapshots.
+struct Machine<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
 }
 
 /// How a VM's run ended.
@@ -153,7 +166,9 @@ struct Parts {
 /// A built VM, ready to run.
 #[derive(Debug)]
 pub struct Vmm {
-    // Kept open for the VM's lifetime.
+    // Kept open for the VM's lifetime: a userfaultfd backend's fd and handler connection
+    // (closing the fd would turn missing pages into zero pages).
+    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
     _kvm: Kvm,
     _vm: VmFd,
     _guest_memory: GuestMemoryMmap,
@@ -165,12 +180,22 @@ pub struct Vmm {
     protocol: BootProtocol,
 }
 
+/// Where a snapshot's guest memory comes from.
+#[derive(Debug, Clone)]
+pub enum MemorySource {
+    /// A private mapping of the memory file.
+    File(PathBuf),
+    /// A page-fault handler listening on this Unix socket (Firecracker's Uffd backend).
+    Uffd(PathBuf),
+}
+
 /// What a [`PreparedVm`] was made for: a different value needs a new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareKey {
     kvm_device: PathBuf,
     mem_size_mib: u64,
     vcpu_count: u8,
+    track_dirty_pages: bool,
 }
 
 impl PrepareKey {
@@ -179,6 +204,7 @@ impl PrepareKey {
             kvm_device: config.kvm_device.clone(),
             mem_size_mib: config.mem_size_mib,
             vcpu_count: config.vcpu_count,
+            track_dirty_pages: config.track_dirty_pages,
         }
     }
 }
@@ -321,7 +347,9 @@ impl PreparedVm {
         let loaded = std::thread::scope(|scope| {
             // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
             // waits for an SRCU grace period): load the kernel meanwhile.
-            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let slots = scope.spawn(|| {
+                crate::memory::register_with_kvm(&vm, &guest_memory, config.track_dirty_pages)
+            });
             let loaded = if config.kernel.as_os_str().is_empty() {
                 Ok(None)
             } else {
@@ -342,15 +370,19 @@ impl PreparedVm {
     }
 }
 
-/// A locally administered unicast MAC address for interface `index` of this VMM process.
-fn default_mac(index: usize) -> [u8; 6] {
-    let pid = std::process::id().to_be_bytes();
+/// A locally administered unicast MAC address for interface `index` on `tap`: derived from
+/// the tap's name, so the same VM (or its snapshot, restored on the same tap) keeps it.
+fn default_mac(tap: &str, index: usize) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let h = h.to_be_bytes();
     [
         0x06,
-        0x00,
-        pid[1],
-        pid[2],
-        pid[3],
+        h[0],
+        h[1],
+        h[2],
+        h[3],
         u8::try_from(index).unwrap_or(0),
     ]
 }
@@ -428,6 +460,7 @@ impl Vmm {
             preloaded,
         )?;
         Ok(Self {
+            _uffd: None,
             _kvm: prepared.kvm,
             _vm: prepared.vm,
             _guest_memory: prepared.guest_memory,
@@ -456,35 +489,8 @@ impl Vmm {
             None => Preloaded::load(config, guest_memory)?,
         };
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
-        if config.rng {
-            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
-        }
         let mut cmdline = config.cmdline.clone();
-        for (index, disk) in config.disks.iter().enumerate() {
-            let block =
-                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
-            devices
-                .block_controls
-                .push((disk.id.clone(), block.control()));
-            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
-            if disk.root {
-                // Disks are probed in command-line order: the first is vda.
-                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
-                let mode = if disk.read_only { "ro" } else { "rw" };
-                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
-            }
-        }
-        for (index, net) in config.nets.iter().enumerate() {
-            let tap = Tap::open(&net.tap)?;
-            let mac = net.mac.unwrap_or_else(|| default_mac(index));
-            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
-            devices.net_controls.push(device.control());
-            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
-        }
-        if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
-            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
-        }
+        cmdline.push_str(&Self::add_devices(config, vm, guest_memory, &mut devices)?);
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in devices.virtio_cmdline() {
             cmdline.push(' ');
@@ -524,6 +530,9 @@ impl Vmm {
             .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
         let mut vcpus = Vec::new();
         let mut vcpu_requests = Vec::new();
+        // What snapshots save per vCPU; an empty list only disables snapshots.
+        let msr_list =
+            std::sync::Arc::new(crate::snapshot::state::msr_list(kvm).unwrap_or_default());
         for id in 0..config.vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -550,7 +559,7 @@ impl Vmm {
             let evt = vcpu_events_evt
                 .try_clone()
                 .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
-            vcpus.push(Vcpu::new(
+            let mut vcpu = Vcpu::new(
                 id,
                 fd,
                 devices.pio_bus.clone(),
@@ -559,7 +568,9 @@ impl Vmm {
                 evt,
                 req_rx,
                 start,
-            ));
+            );
+            vcpu.set_msr_list(msr_list.clone());
+            vcpus.push(vcpu);
             vcpu_requests.push(req_tx);
         }
 
@@ -571,6 +582,183 @@ impl Vmm {
             vcpu_events_evt,
             protocol: kernel.protocol,
         })
+    }
+
+    /// Builds a VM from a snapshot: a new KVM VM whose memory is a private mapping of
+    /// `mem_file`, with the saved vCPU, VM and device state. Refused when this host lacks a
+    /// CPU feature the guest was given.
+    pub fn restore(
+        state: &MicrovmState,
+        config: &VmConfig,
+        memory: &MemorySource,
+        kvm_device: &std::path::Path,
+        track_dirty_pages: bool,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        let kvm = crate::kvm::open(kvm_device)?;
+        let snapshot_error =
+            |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
+        if usize::from(state.vcpu_count) > kvm.get_max_vcpus() {
+            return Err(VmmError::TooManyVcpus {
+                count: state.vcpu_count,
+                max: kvm.get_max_vcpus(),
+            });
+        }
+        for vcpu in &state.vcpus {
+            crate::snapshot::state::check_cpu_features(&kvm, vcpu).map_err(snapshot_error)?;
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+        let (guest_memory, uffd) = match memory {
+            MemorySource::File(path) => (
+                crate::snapshot::map_memory(path, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?,
+                None,
+            ),
+            MemorySource::Uffd(socket) => {
+                let m = crate::snapshot::uffd::connect(socket, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?;
+                (m.memory, Some((m.uffd, m.stream)))
+            }
+        };
+        crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
+        let mut devices =
+            DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
+        // Disks and taps are reopened by path, in the order they had.
+        Self::add_devices(config, &vm, &guest_memory, &mut devices)?;
+        if devices.transports.len() != state.virtio.len() {
+            return Err(snapshot_error(format!(
+                "{} virtio devices saved, the configuration has {}",
+                state.virtio.len(),
+                devices.transports.len()
+            )));
+        }
+        let msr_list = std::sync::Arc::new(
+            crate::snapshot::state::msr_list(&kvm).map_err(|e| snapshot_error(error_chain(&e)))?,
+        );
+        let (events_tx, vcpu_events) = channel();
+        let vcpu_events_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
+        let mut vcpus = Vec::new();
+        let mut vcpu_requests = Vec::new();
+        for (id, saved) in (0..state.vcpu_count).zip(&state.vcpus) {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(vcpu_error(id, "create"))?;
+            let (req_tx, req_rx) = channel();
+            let evt = vcpu_events_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
+            let mut vcpu = Vcpu::new(
+                id,
+                fd,
+                devices.pio_bus.clone(),
+                devices.mmio_bus.clone(),
+                events_tx.clone(),
+                evt,
+                req_rx,
+                start,
+            );
+            vcpu.set_msr_list(msr_list.clone());
+            vcpu.restore(saved)
+                .map_err(|why| snapshot_error(format!("vCPU {id}: {why}")))?;
+            vcpus.push(vcpu);
+            vcpu_requests.push(req_tx);
+        }
+        state
+            .vm
+            .restore(&vm)
+            .map_err(|e| snapshot_error(error_chain(&e)))?;
+        // Interrupts raised while the devices were rebuilt were lost when the interrupt
+        // controllers took their saved state: raise the pending ones again.
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
+        devices
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
+        for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate()
+        {
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)
+                .map_err(|why| snapshot_error(format!("virtio device {index}: {why}")))?;
+        }
+        tracing::info!(
+            vcpus = state.vcpu_count,
+            mib = state.mem_size_mib,
+            "snapshot loaded"
+        );
+        Ok(Self {
+            _uffd: uffd,
+            _kvm: kvm,
+            _vm: vm,
+            _guest_memory: guest_memory,
+            devices,
+            vcpus,
+            vcpu_requests,
+            vcpu_events,
+            vcpu_events_evt,
+            protocol: BootProtocol::Linux64,
+        })
+    }
+
+    /// Creates the virtio devices of `config` in their fixed order (rng, disks, nets, vsock),
+    /// which is also their order on the MMIO bus; returns what they add to the kernel
+    /// command line (`root=`).
+    fn add_devices(
+        config: &VmConfig,
+        vm: &VmFd,
+        guest_memory: &GuestMemoryMmap,
+        devices: &mut DeviceManager,
+    ) -> Result<String, VmmError> {
+        let mut cmdline = String::new();
+        if config.rng {
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
+        }
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block =
+                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
+            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
+            if disk.root {
+                // Disks are probed in command-line order: the first is vda.
+                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
+                let mode = if disk.read_only { "ro" } else { "rw" };
+                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
+            }
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let tap = Tap::open(&net.tap)?;
+            let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap, index));
+            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
+            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
+        }
+        Ok(cmdline)
     }
 
     /// The boot protocol the kernel is entered with.
@@ -587,8 +775,13 @@ impl Vmm {
         mut api: Option<ApiContext>,
     ) -> Result<VmOutcome, VmmError> {
         crate::vcpu::register_kick_handler()?;
+        let start_paused = api.as_ref().is_some_and(|a| a.start_paused);
         let mut handles = Vec::new();
         for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
+            if start_paused {
+                // Queued before the thread starts: it pauses before its first KVM_RUN.
+                let _ = requests.send(VcpuRequest::Pause);
+            }
             handles.push(vcpu.start(requests)?);
         }
         if let Some(reply) = api.as_mut().and_then(|a| a.start_reply.take()) {
@@ -599,7 +792,12 @@ impl Vmm {
             event_loop.watch(api.receiver.evt.as_raw_fd(), TOKEN_API)?;
         }
         event_loop.api = api;
-        event_loop.run(&self.devices, &self.vcpu_events, &handles)
+        event_loop.paused = start_paused;
+        let machine = Machine {
+            vm: &self._vm,
+            mem: &self._guest_memory,
+        };
+        event_loop.run(&self.devices, &self.vcpu_events, &handles, &machine)
     }
 
     fn vcpu_evt_clone(&self) -> Result<EventFd, VmmError> {
@@ -614,6 +812,9 @@ const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
+
+/// virtio device ID of vsock (virtio 1.2, 5).
+const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -690,6 +891,7 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) -> Result<VmOutcome, VmmError> {
         let mut events = vec![EpollEvent::default(); 8];
         let mut next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
@@ -722,7 +924,7 @@ impl EventLoop {
                     }
                     TOKEN_STDIN => self.read_stdin(devices)?,
                     TOKEN_API => {
-                        self.serve_api(devices, vcpu_events, vcpus);
+                        self.serve_api(devices, vcpu_events, vcpus, machine);
                         if let Some(outcome) = self.outcome.take() {
                             return Ok(outcome);
                         }
@@ -753,12 +955,13 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) {
         let Some(requests) = self.api.as_ref().map(|a| a.receiver.drain()) else {
             return;
         };
         for request in requests {
-            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus);
+            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus, machine);
             let _ = request.reply.send(answer);
         }
     }
@@ -770,6 +973,7 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) -> ActionResult {
         let state = if self.paused {
             VmState::Paused
@@ -819,6 +1023,11 @@ impl EventLoop {
             VmmAction::InstanceStart => Err(ActionError::State(
                 "InstanceStart: the microVM is already running".into(),
             )),
+            VmmAction::CreateSnapshot(params) => {
+                self.create_snapshot(&params, devices, vcpu_events, vcpus, machine)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::LoadSnapshot(_) => Err(ActionError::PreBootOnly("PUT /snapshot/load")),
             VmmAction::PutMachineConfig(_) | VmmAction::PatchMachineConfig(_) => Err(
                 ActionError::PreBootOnly("changing the machine configuration"),
             ),
@@ -830,6 +1039,153 @@ impl EventLoop {
             VmmAction::PutEntropy(_) => Err(ActionError::PreBootOnly("PUT /entropy")),
             VmmAction::PutLogger(_) => Err(ActionError::PreBootOnly("PUT /logger")),
         }
+    }
+
+    /// `PUT /snapshot/create`: the state and memory files of the paused VM.
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+    ) -> Result<(), ActionError> {
+        if !self.paused {
+            return Err(ActionError::State(
+                "the microVM must be paused to take a snapshot (PATCH /vm Paused)".into(),
+            ));
+        }
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        if params.snapshot_type == SnapshotType::Diff && !tracking {
+            return Err(ActionError::State(
+                "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
+                 configuration (or enable_diff_snapshots when loading)"
+                    .into(),
+            ));
+        }
+        let has_vsock = devices
+            .transports
+            .iter()
+            .any(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type() == VIRTIO_ID_VSOCK);
+        if has_vsock {
+            return Err(ActionError::Failed(
+                "snapshots of microVMs with a vsock device are not supported yet".into(),
+            ));
+        }
+        // The devices stop touching guest memory; they start again below.
+        let virtio: Vec<_> = devices
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect();
+        let result =
+            self.write_snapshot(params, devices, vcpu_events, vcpus, machine, virtio.clone());
+        for (t, state) in devices.transports.iter().zip(&virtio) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save(state);
+        }
+        result
+    }
+
+    /// The vCPUs', VM's and devices' state and guest memory, to the snapshot files.
+    fn write_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+        virtio: Vec<devices::virtio::mmio::MmioTransportState>,
+    ) -> Result<(), ActionError> {
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        let api = self.api.as_ref().ok_or(ActionError::VmmGone)?;
+        let resources = api.resources.clone();
+        let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
+        for vcpu in vcpus {
+            vcpu.request(VcpuRequest::SaveState);
+        }
+        let mut states: Vec<Option<VcpuState>> = (0..vcpus.len()).map(|_| None).collect();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while states.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = vcpu_events.recv_timeout(left).map_err(|_| {
+                ActionError::Failed("not every vCPU reported its state in time".into())
+            })?;
+            match event {
+                VcpuEvent::Saved { id, state } => {
+                    let state = (*state).map_err(|why| {
+                        ActionError::Failed(format!("cannot save vCPU {id}: {why}"))
+                    })?;
+                    if let Some(slot) = states.get_mut(usize::from(id)) {
+                        *slot = Some(state);
+                    }
+                }
+                other => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        let legacy = LegacyState {
+            serial: devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            i8042: devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            cmos: devices
+                .cmos
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+        };
+        let state = MicrovmState {
+            vmm_version: crate::controller::VMM_VERSION.to_string(),
+            cpu_model: crate::snapshot::state::host_cpu_model(),
+            vcpu_count: u8::try_from(vcpus.len()).unwrap_or(u8::MAX),
+            mem_size_mib: resources.machine.mem_size_mib,
+            memory: crate::snapshot::memory_layout(resources.machine.mem_size_mib)
+                .map_err(|e| failed(&e))?,
+            vm: KvmVmState::save(machine.vm).map_err(|e| failed(&e))?,
+            vcpus: states.into_iter().flatten().collect(),
+            legacy,
+            virtio,
+            config_json: serde_json::to_string(&resources.full_config())
+                .map_err(|e| ActionError::Failed(e.to_string()))?,
+        };
+        if params.snapshot_type == SnapshotType::Diff {
+            let bytes =
+                crate::snapshot::write_dirty_memory(&params.mem_file_path, machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            tracing::info!(bytes, "diff snapshot: dirty pages written");
+        } else {
+            crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
+                .map_err(|e| failed(&e))?;
+            if tracking {
+                crate::snapshot::clear_dirty_log(machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            }
+        }
+        crate::snapshot::write_state(&params.snapshot_path, &state).map_err(|e| failed(&e))?;
+        tracing::info!(
+            state = %params.snapshot_path.display(),
+            memory = %params.mem_file_path.display(),
+            "snapshot written"
+        );
+        Ok(())
     }
 
     /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.
@@ -951,7 +1307,7 @@ impl EventLoop {
 
     fn on_vcpu_event(&mut self, event: VcpuEvent, vcpu_count: usize) -> Option<VmOutcome> {
         match event {
-            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } => None,
+            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } | VcpuEvent::Saved { .. } => None,
             VcpuEvent::Stopped { id, reason } => Some(match reason {
                 VcpuStop::GuestReset => VmOutcome::Reset,
                 VcpuStop::TripleFault => {
