@@ -608,3 +608,80 @@ fn vsock_serves_a_host_connection_after_a_restore() {
     let out = restored.console();
     assert!(out.contains("TG vsock_listen=ok bytes=8192"), "{out}");
 }
+
+#[test]
+fn clones_each_use_their_own_disk_copy() {
+    if !kvm_available("clones_each_use_their_own_disk_copy") {
+        return;
+    }
+    let dir = TempDir::new("snap-clone-disks");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    // The drive's path is relative: each process opens the disk.img of its own directory.
+    let source_dir = dir.path("source");
+    std::fs::create_dir_all(&source_dir).unwrap();
+    std::fs::write(source_dir.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn_in(Some(&source_dir), &["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/drives/data",
+        serde_json::json!({"drive_id": "data", "path_on_host": "disk.img", "is_root_device": false, "is_read_only": false}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=blk tg.blk_watch_ms=60000"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for("the blk workload", |out| out.contains("TG blk_watching"));
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+
+    let mut clones = Vec::new();
+    for (name, fill) in [("clone-a", 0x5au8), ("clone-b", 0xa5u8)] {
+        let cdir = dir.path(name);
+        std::fs::create_dir_all(&cdir).unwrap();
+        std::fs::copy(source_dir.join("disk.img"), cdir.join("disk.img")).unwrap();
+        std::fs::write(cdir.join("new.img"), vec![fill; 2 << 20]).unwrap();
+        let sock = dir.path(&format!("{name}.sock"));
+        let vmm = ApiVmm::spawn_in(Some(&cdir), &["--api-sock", sock.to_str().unwrap()]);
+        let mut c = vmm.client();
+        ok(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+        );
+        clones.push((vmm, c, fill));
+    }
+    for (_, c, _) in &mut clones {
+        ok(
+            c,
+            "PATCH",
+            "/drives/data",
+            serde_json::json!({"drive_id": "data", "path_on_host": "new.img"}),
+        );
+    }
+    for (mut vmm, _, fill) in clones {
+        assert_eq!(
+            vmm.wait_exit_within(std::time::Duration::from_secs(60)),
+            0,
+            "{}",
+            vmm.output()
+        );
+        let tg: std::collections::BTreeMap<String, String> =
+            common::tg_lines(&vmm.console()).into_iter().collect();
+        let sum = [fill; 512].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(tg["blk_new_sum"], format!("{sum:016x}"), "{}", vmm.output());
+    }
+}
