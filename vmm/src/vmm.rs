@@ -298,6 +298,14 @@ impl Preloaded {
 }
 
 impl PreparedVm {
+    /// This VM (prepared without a kernel) with the kernel and initrd of `config` loaded.
+    pub fn with_kernel(mut self, config: &VmConfig) -> Result<Self, VmmError> {
+        if self.loaded.is_none() && !config.kernel.as_os_str().is_empty() {
+            self.loaded = Some(Preloaded::load(config, &self.guest_memory)?);
+        }
+        Ok(self)
+    }
+
     /// Checks `config`'s machine against the host and KVM, creates the VM and its memory and,
     /// if `config` names a kernel, loads it (while KVM installs the memory slot).
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
@@ -813,9 +821,6 @@ const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 
-/// virtio device ID of vsock (virtio 1.2, 5).
-const VIRTIO_ID_VSOCK: u32 = 19;
-
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -1064,15 +1069,6 @@ impl EventLoop {
                 "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
                  configuration (or enable_diff_snapshots when loading)"
                     .into(),
-            ));
-        }
-        let has_vsock = devices
-            .transports
-            .iter()
-            .any(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type() == VIRTIO_ID_VSOCK);
-        if has_vsock {
-            return Err(ActionError::Failed(
-                "snapshots of microVMs with a vsock device are not supported yet".into(),
             ));
         }
         // The devices stop touching guest memory; they start again below.
