@@ -822,7 +822,9 @@ const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 
 /// How long pausing or resuming waits for every vCPU to answer.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often silent vCPUs are kicked again while the loop waits for their answers.
+const KICK_RETRY: Duration = Duration::from_millis(50);
 
 /// The main thread's epoll loop.
 struct EventLoop {
@@ -1108,28 +1110,23 @@ impl EventLoop {
             vcpu.request(VcpuRequest::SaveState);
         }
         let mut states: Vec<Option<VcpuState>> = (0..vcpus.len()).map(|_| None).collect();
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while states.iter().any(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = vcpu_events.recv_timeout(left).map_err(|_| {
-                ActionError::Failed("not every vCPU reported its state in time".into())
-            })?;
-            match event {
-                VcpuEvent::Saved { id, state } => {
-                    let state = (*state).map_err(|why| {
-                        ActionError::Failed(format!("cannot save vCPU {id}: {why}"))
-                    })?;
-                    if let Some(slot) = states.get_mut(usize::from(id)) {
-                        *slot = Some(state);
+        let mut failure = None;
+        self.wait_vcpus(vcpu_events, vcpus, |event| match event {
+            VcpuEvent::Saved { id, state } => {
+                match *state {
+                    Ok(state) => {
+                        if let Some(slot) = states.get_mut(usize::from(id)) {
+                            *slot = Some(state);
+                        }
                     }
+                    Err(why) => failure = Some(format!("cannot save vCPU {id}: {why}")),
                 }
-                other => {
-                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
-                        self.outcome = Some(outcome);
-                        return Err(ActionError::State("the guest stopped".into()));
-                    }
-                }
+                Ok(Some(id))
             }
+            other => Err(other),
+        })?;
+        if let Some(why) = failure {
+            return Err(ActionError::Failed(why));
         }
         let legacy = LegacyState {
             serial: devices
@@ -1253,6 +1250,55 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Waits until every vCPU has answered: `answer` takes each event and returns the vCPU
+    /// it answers for (`Ok(None)`: ignore it), or gives it back for the usual handling.
+    /// vCPUs still silent are kicked again every [`KICK_RETRY`], in case a kick landed
+    /// between two `KVM_RUN`s.
+    fn wait_vcpus(
+        &mut self,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        mut answer: impl FnMut(VcpuEvent) -> Result<Option<u8>, VcpuEvent>,
+    ) -> Result<(), ActionError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < vcpus.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ActionError::Failed(format!(
+                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
+                    answered.len(),
+                    vcpus.len()
+                )));
+            }
+            let event = match vcpu_events.recv_timeout(KICK_RETRY.min(deadline - now)) {
+                Ok(event) => event,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    for vcpu in vcpus.iter().filter(|v| !answered.contains(&v.id)) {
+                        vcpu.kick();
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ActionError::VmmGone)
+                }
+            };
+            match answer(event) {
+                Ok(Some(id)) => {
+                    answered.insert(id);
+                }
+                Ok(None) => {}
+                Err(other) => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Pauses or resumes every vCPU and waits until each has answered.
     fn set_paused(
         &mut self,
@@ -1271,31 +1317,19 @@ impl EventLoop {
         for vcpu in vcpus {
             vcpu.request(request);
         }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut answered = std::collections::BTreeSet::new();
-        while answered.len() < vcpus.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = vcpu_events.recv_timeout(left).map_err(|_| {
-                ActionError::Failed(format!(
-                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
-                    answered.len(),
-                    vcpus.len()
-                ))
-            })?;
-            match event {
-                VcpuEvent::Paused { id } if pause => {
-                    answered.insert(id);
-                }
-                VcpuEvent::Resumed { id } if !pause => {
-                    answered.insert(id);
-                }
-                other => {
-                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
-                        self.outcome = Some(outcome);
-                        return Err(ActionError::State("the guest stopped".into()));
-                    }
+        let result = self.wait_vcpus(vcpu_events, vcpus, |event| match event {
+            VcpuEvent::Paused { id } if pause => Ok(Some(id)),
+            VcpuEvent::Resumed { id } if !pause => Ok(Some(id)),
+            other => Err(other),
+        });
+        if let Err(e) = result {
+            if pause {
+                // Leave no vCPU paused behind a failed pause: they all run again.
+                for vcpu in vcpus {
+                    vcpu.request(VcpuRequest::Resume);
                 }
             }
+            return Err(e);
         }
         self.paused = pause;
         Ok(())
