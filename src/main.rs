@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vmm::config::{
     parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE,
 };
-use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
+use vmm::{BootProtocolChoice, SeccompLevel, VmConfig, VmOutcome, Vmm};
 
 /// Exit status when the guest reset or powered off.
 const EXIT_OK: u8 = 0;
@@ -126,6 +126,20 @@ struct BootArgs {
     /// connections to host port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC")]
     vsock: Option<String>,
+
+    /// Seccomp filtering of the VMM's threads (Firecracker's flag): 0 none, 1 syscall numbers,
+    /// 2 syscall numbers and arguments.
+    #[arg(
+        long,
+        value_name = "0|1|2",
+        default_value = "2",
+        allow_hyphen_values = true
+    )]
+    seccomp_level: String,
+
+    /// Turn seccomp off (the same as --seccomp-level 0).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 /// Prints `error` and its causes on one line.
@@ -199,6 +213,23 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
             .map(VsockConfig::parse)
             .transpose()
             .map_err(|e| format!("invalid --vsock: {e}"))?,
+        seccomp_level: if args.no_seccomp {
+            SeccompLevel::None
+        } else {
+            args.seccomp_level
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| {
+                    format!(
+                        "invalid --seccomp-level {:?}: expected 0, 1 or 2",
+                        args.seccomp_level
+                    )
+                })
+                .and_then(|n| {
+                    SeccompLevel::from_number(n)
+                        .map_err(|e| format!("invalid --seccomp-level: {e}"))
+                })?
+        },
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

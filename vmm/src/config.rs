@@ -52,6 +52,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// How strictly seccomp filters the VMM's threads (on by default).
+    pub seccomp_level: crate::seccomp::SeccompLevel,
 }
 
 /// A virtio-vsock device in Firecracker's hybrid style.
@@ -279,6 +281,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            seccomp_level: crate::seccomp::SeccompLevel::default(),
         }
     }
 }

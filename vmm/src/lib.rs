@@ -8,8 +8,10 @@ pub mod device_manager;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
+pub use seccomp::SeccompLevel;
 pub use vmm::{VmOutcome, Vmm, VmmError};

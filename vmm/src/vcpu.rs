@@ -16,6 +16,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use crate::seccomp::{SeccompError, ThreadFilters, ThreadKind};
+
 /// Unclaimed guest accesses logged before rate limiting starts.
 const UNCLAIMED_LOG_FIRST: u64 = 8;
 /// After the first few, one unclaimed access in this many is logged.
@@ -178,12 +180,27 @@ impl Vcpu {
         }
     }
 
-    /// Starts the vCPU thread.
-    pub fn start(self, requests: Sender<VcpuRequest>) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU thread. The thread installs `filters` first and reports the outcome on
+    /// `ready`; it enters the guest only once `go` says so, and ends if `go` is dropped.
+    pub fn start(
+        self,
+        requests: Sender<VcpuRequest>,
+        filters: ThreadFilters,
+        ready: Sender<Result<(), SeccompError>>,
+        go: Receiver<()>,
+    ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("anvil-vcpu{id}"))
-            .spawn(move || self.run())
+            .spawn(move || {
+                let installed = crate::seccomp::install_filters(ThreadKind::Vcpu, &filters);
+                let ok = installed.is_ok();
+                // The receiver lives until every vCPU answered; if it is gone, `go` is too.
+                let _ = ready.send(installed);
+                if ok && go.recv().is_ok() {
+                    self.run();
+                }
+            })
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
             id,

@@ -25,6 +25,7 @@ use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
+use crate::seccomp::{self, SeccompError, SeccompLevel, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
 /// How often the event loop checks that the guest can still make progress.
@@ -106,6 +107,9 @@ pub enum VmmError {
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Seccomp filters cannot be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The event loop failed.
     #[error("event loop failure: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
@@ -143,6 +147,7 @@ pub struct Vmm {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+    seccomp_level: SeccompLevel,
 }
 
 /// A locally administered unicast MAC address for interface `index` of this VMM process.
@@ -255,6 +260,7 @@ impl Vmm {
             vcpu_events: parts.vcpu_events,
             vcpu_events_evt: parts.vcpu_events_evt,
             protocol: parts.protocol,
+            seccomp_level: config.seccomp_level,
         })
     }
 
@@ -398,11 +404,45 @@ impl Vmm {
     /// console input is read from `console_in` when given.
     pub fn run(mut self, console_in: Option<RawFd>) -> Result<VmOutcome, VmmError> {
         crate::vcpu::register_kick_handler()?;
+        let level = self.seccomp_level;
+        let vcpu_filters = seccomp::filters(ThreadKind::Vcpu, level)?;
+        let vmm_filters = seccomp::filters(ThreadKind::Vmm, level)?;
+        let worker_filters = match level {
+            SeccompLevel::None => None,
+            _ => Some(seccomp::filters(ThreadKind::Worker, level)?),
+        };
+        seccomp::set_worker_filters(worker_filters);
+        // Every vCPU thread installs its filter and waits; this thread installs its own; only
+        // then does any vCPU enter the guest.
+        let (ready_tx, ready_rx) = channel();
         let mut handles = Vec::new();
+        let mut go = Vec::new();
         for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
-            handles.push(vcpu.start(requests)?);
+            let (go_tx, go_rx) = channel();
+            handles.push(vcpu.start(requests, vcpu_filters.clone(), ready_tx.clone(), go_rx)?);
+            go.push(go_tx);
+        }
+        drop(ready_tx);
+        for _ in &handles {
+            match ready_rx.recv() {
+                Ok(installed) => installed?,
+                Err(_) => {
+                    return Err(VmmError::EventLoop(
+                        "start the vCPUs",
+                        std::io::Error::other("a vCPU thread ended before it was ready"),
+                    ))
+                }
+            }
         }
         let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_events_evt, console_in)?;
+        seccomp::install_filters(ThreadKind::Vmm, &vmm_filters)?;
+        if level != SeccompLevel::None {
+            tracing::info!(?level, "seccomp filters installed on every thread");
+        }
+        for go in go {
+            // A vCPU that is gone already reported why; the loop below hears it.
+            let _ = go.send(());
+        }
         event_loop.run(&self.devices, &self.vcpu_events, &handles)
     }
 }
