@@ -165,3 +165,74 @@ fn no_seccomp_turns_filtering_off() {
     assert_eq!(run.status.code(), Some(2), "{run}");
     assert!(run.stderr.contains("--seccomp-level"), "{run}");
 }
+
+/// In Firecracker mode the API thread is filtered too, and keeps answering while the guest
+/// runs under the filters; a guest started through the API runs with every thread filtered.
+#[test]
+fn api_mode_filters_the_api_thread_and_it_keeps_serving() {
+    if !kvm_available("api_mode_filters_the_api_thread_and_it_keeps_serving") {
+        return;
+    }
+    let dir = TempDir::new("seccomp-api");
+    let sock = dir.path("api.sock");
+    let mut child = Command::new(anvil_vmm())
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut client = loop {
+        if let Ok(c) = api_server::client::Client::connect(&sock) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the API socket never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut call = |method: &str, path: &str, body: Option<String>| {
+        let r = client.request(method, path, body.as_deref()).unwrap();
+        assert!(r.status < 300, "{method} {path}: {r:?}");
+        r
+    };
+    call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#.into()),
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": testguest(),
+        "boot_args": "console=ttyS0 tg.run=counter tg.period_ms=20",
+    });
+    call("PUT", "/boot-source", Some(boot.to_string()));
+    call(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#.into()),
+    );
+    let threads = thread_seccomp(child.id());
+    // Requests served by the filtered API thread and VMM thread while the guest runs.
+    for _ in 0..20 {
+        let info = call("GET", "/", None);
+        assert_eq!(info.json()["state"], "Running");
+    }
+    call("PATCH", "/vm", Some(r#"{"state": "Paused"}"#.into()));
+    call("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#.into()));
+    call("GET", "/vm/config", None);
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    assert!(alive, "anvil-vmm died\n{stderr}");
+    for name in ["anvil-vmm", "anvil-api", "anvil-vcpu0", "anvil-vcpu1"] {
+        assert!(
+            threads.iter().any(|(n, _)| n == name),
+            "no {name}: {threads:?}"
+        );
+    }
+    assert!(
+        threads.iter().all(|(_, mode)| mode == "2"),
+        "{threads:?}\n{stderr}"
+    );
+}

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{channel, Receiver};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use arch::boot::BootProtocol;
@@ -20,11 +21,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
+use crate::controller::error_chain;
 use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
+use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
+use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
 use crate::seccomp::{self, SeccompError, SeccompLevel, ThreadKind};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
@@ -113,6 +117,22 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop failure: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
+    /// The API-driven start failed.
+    #[error("{0}")]
+    Api(String),
+}
+
+/// What the event loop needs to serve API requests once the VM runs.
+#[derive(Debug)]
+pub struct ApiContext {
+    /// Requests from the API thread.
+    pub receiver: ApiReceiver,
+    /// The resources the VM was built from (`GET /vm/config`).
+    pub resources: VmResources,
+    /// The instance ID (`GET /`).
+    pub instance_id: String,
+    /// The `InstanceStart` request, answered once the vCPUs run.
+    pub start_reply: Option<Sender<ActionResult>>,
 }
 
 /// How a VM's run ended.
@@ -200,13 +220,22 @@ impl Vmm {
         let template = config
             .cpu_template
             .as_ref()
-            .map(|path| {
+            .map(|source| {
+                let path = match source {
+                    CpuTemplateSource::File(path) => path.clone(),
+                    CpuTemplateSource::Inline(_) => PathBuf::from("cpu-config"),
+                };
                 let fail =
                     |source: Box<dyn std::error::Error + Send + Sync>| VmmError::CpuTemplate {
                         path: path.clone(),
                         source,
                     };
-                let text = std::fs::read_to_string(path).map_err(|e| fail(Box::new(e)))?;
+                let text = match source {
+                    CpuTemplateSource::File(path) => {
+                        std::fs::read_to_string(path).map_err(|e| fail(Box::new(e)))?
+                    }
+                    CpuTemplateSource::Inline(text) => text.clone(),
+                };
                 CpuTemplate::from_json(&text).map_err(|e| fail(Box::new(e)))
             })
             .transpose()?;
@@ -289,6 +318,9 @@ impl Vmm {
         for (index, disk) in config.disks.iter().enumerate() {
             let block =
                 Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -301,6 +333,7 @@ impl Vmm {
             let tap = Tap::open(&net.tap)?;
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
@@ -335,7 +368,7 @@ impl Vmm {
             .map_err(|e| VmmError::VmSetup("report the supported CPUID", e))?;
         let template_msrs = match template {
             Some(t) => t.msr_entries(|_| None).map_err(|e| VmmError::CpuTemplate {
-                path: config.cpu_template.clone().unwrap_or_default(),
+                path: PathBuf::from("cpu template"),
                 source: Box::new(e),
             })?,
             None => Vec::new(),
@@ -401,8 +434,13 @@ impl Vmm {
     }
 
     /// Starts the vCPUs and runs the event loop until the guest resets or fails. Guest
-    /// console input is read from `console_in` when given.
-    pub fn run(mut self, console_in: Option<RawFd>) -> Result<VmOutcome, VmmError> {
+    /// console input is read from `console_in` when given; API requests are served when
+    /// `api` is given.
+    pub fn run(
+        mut self,
+        console_in: Option<RawFd>,
+        api: Option<ApiContext>,
+    ) -> Result<VmOutcome, VmmError> {
         crate::vcpu::register_kick_handler()?;
         let level = self.seccomp_level;
         let vcpu_filters = seccomp::filters(ThreadKind::Vcpu, level)?;
@@ -434,7 +472,11 @@ impl Vmm {
                 }
             }
         }
-        let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_events_evt, console_in)?;
+        let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_evt_clone()?, console_in)?;
+        if let Some(api) = &api {
+            event_loop.watch(api.receiver.evt.as_raw_fd(), TOKEN_API)?;
+        }
+        event_loop.api = api;
         seccomp::install_filters(ThreadKind::Vmm, &vmm_filters)?;
         if level != SeccompLevel::None {
             tracing::info!(?level, "seccomp filters installed on every thread");
@@ -443,7 +485,16 @@ impl Vmm {
             // A vCPU that is gone already reported why; the loop below hears it.
             let _ = go.send(());
         }
+        if let Some(reply) = event_loop.api.as_mut().and_then(|a| a.start_reply.take()) {
+            let _ = reply.send(Ok(VmmData::Empty));
+        }
         event_loop.run(&self.devices, &self.vcpu_events, &handles)
+    }
+
+    fn vcpu_evt_clone(&self) -> Result<EventFd, VmmError> {
+        self.vcpu_events_evt
+            .try_clone()
+            .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))
     }
 }
 
@@ -451,6 +502,10 @@ const TOKEN_RESET: u64 = 1;
 const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
+const TOKEN_API: u64 = 5;
+
+/// How long pausing or resuming waits for every vCPU to answer.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The main thread's epoll loop.
 struct EventLoop {
@@ -463,6 +518,12 @@ struct EventLoop {
     stuck_checks: u32,
     /// Answers to the current progress check, by vCPU.
     progress: BTreeMap<u8, bool>,
+    /// API requests, when the VM is driven by the API.
+    api: Option<ApiContext>,
+    /// The vCPUs are paused.
+    paused: bool,
+    /// How the VM ended, noticed while serving a request.
+    outcome: Option<VmOutcome>,
 }
 
 impl EventLoop {
@@ -497,7 +558,20 @@ impl EventLoop {
             pending_input: Vec::new(),
             stuck_checks: 0,
             progress: BTreeMap::new(),
+            api: None,
+            paused: false,
+            outcome: None,
         })
+    }
+
+    fn watch(&self, fd: RawFd, token: u64) -> Result<(), VmmError> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| VmmError::EventLoop("watch the API channel", e))
     }
 
     fn run(
@@ -536,6 +610,12 @@ impl EventLoop {
                         }
                     }
                     TOKEN_STDIN => self.read_stdin(devices)?,
+                    TOKEN_API => {
+                        self.serve_api(devices, vcpu_events, vcpus);
+                        if let Some(outcome) = self.outcome.take() {
+                            return Ok(outcome);
+                        }
+                    }
                     TOKEN_SERIAL_ROOM => {
                         let _ = devices.serial_input_room_evt.read();
                         self.feed_serial(devices)?;
@@ -545,6 +625,9 @@ impl EventLoop {
             }
             if Instant::now() >= next_check {
                 next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
+                if self.paused {
+                    continue;
+                }
                 self.progress.clear();
                 for vcpu in vcpus {
                     vcpu.request(VcpuRequest::CheckProgress);
@@ -553,8 +636,211 @@ impl EventLoop {
         }
     }
 
+    /// Answers the waiting API requests.
+    fn serve_api(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) {
+        let Some(requests) = self.api.as_ref().map(|a| a.receiver.drain()) else {
+            return;
+        };
+        for request in requests {
+            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus);
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    /// An API action on the running VM.
+    fn runtime_action(
+        &mut self,
+        action: VmmAction,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) -> ActionResult {
+        let state = if self.paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let Some(api) = self.api.as_ref() else {
+            return Err(ActionError::VmmGone);
+        };
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(
+                crate::controller::instance_info(&api.instance_id, state),
+            )),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(api.resources.machine.clone()))
+            }
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(api.resources.full_config()))),
+            VmmAction::Pause => {
+                self.set_paused(true, vcpu_events, vcpus)?;
+                tracing::info!("vCPUs paused");
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Resume => {
+                self.set_paused(false, vcpu_events, vcpus)?;
+                tracing::info!("vCPUs resumed");
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SendCtrlAltDel => {
+                devices
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .trigger_ctrl_alt_del();
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics
+            | VmmAction::GetPrometheusMetrics
+            | VmmAction::PutMetrics(_) => crate::controller::metrics_action(),
+            VmmAction::PatchDrive(id, patch) => {
+                self.patch_drive(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNet(id, patch) => {
+                self.patch_net(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::InstanceStart => Err(ActionError::State(
+                "InstanceStart: the microVM is already running".into(),
+            )),
+            VmmAction::PutMachineConfig(_) | VmmAction::PatchMachineConfig(_) => Err(
+                ActionError::PreBootOnly("changing the machine configuration"),
+            ),
+            VmmAction::PutBootSource(_) => Err(ActionError::PreBootOnly("PUT /boot-source")),
+            VmmAction::PutCpuConfig(_) => Err(ActionError::PreBootOnly("PUT /cpu-config")),
+            VmmAction::PutDrive(..) => Err(ActionError::PreBootOnly("PUT /drives")),
+            VmmAction::PutNet(..) => Err(ActionError::PreBootOnly("PUT /network-interfaces")),
+            VmmAction::PutVsock(_) => Err(ActionError::PreBootOnly("PUT /vsock")),
+            VmmAction::PutEntropy(_) => Err(ActionError::PreBootOnly("PUT /entropy")),
+            VmmAction::PutLogger(_) => Err(ActionError::PreBootOnly("PUT /logger")),
+        }
+    }
+
+    /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.
+    fn patch_drive(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialDrive,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let control = devices
+            .block_controls
+            .iter()
+            .find(|(d, _)| d == id)
+            .map(|(_, c)| c)
+            .ok_or_else(|| ActionError::State(format!("drive_id: no drive {id:?}")))?;
+        let limiter = patch.rate_limiter;
+        if let Some(rl) = &limiter {
+            check_rate_limiter("rate_limiter", Some(rl))?;
+        }
+        if let Some(path) = &patch.path_on_host {
+            control
+                .swap_file(path)
+                .map_err(|e| ActionError::Failed(format!("path_on_host: {}", error_chain(&e))))?;
+        }
+        if let Some(rl) = limiter {
+            control.set_rate_limit(rl.to_config());
+        }
+        if let Some(drive) = api.resources.drives.iter_mut().find(|d| d.drive_id == id) {
+            if let Some(path) = patch.path_on_host {
+                drive.path_on_host = Some(path);
+            }
+            if limiter.is_some() {
+                drive.rate_limiter = limiter;
+            }
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}`: replaces the rate limiters.
+    fn patch_net(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialNetworkInterface,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let index = api
+            .resources
+            .nets
+            .iter()
+            .position(|n| n.iface_id == id)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        let control = devices
+            .net_controls
+            .get(index)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        check_rate_limiter("rx_rate_limiter", patch.rx_rate_limiter.as_ref())?;
+        check_rate_limiter("tx_rate_limiter", patch.tx_rate_limiter.as_ref())?;
+        let net = &mut api.resources.nets[index];
+        if let Some(rl) = patch.rx_rate_limiter {
+            control.set_rx_rate_limit(rl.to_config());
+            net.rx_rate_limiter = Some(rl);
+        }
+        if let Some(rl) = patch.tx_rate_limiter {
+            control.set_tx_rate_limit(rl.to_config());
+            net.tx_rate_limiter = Some(rl);
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes every vCPU and waits until each has answered.
+    fn set_paused(
+        &mut self,
+        pause: bool,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) -> Result<(), ActionError> {
+        if self.paused == pause {
+            return Ok(());
+        }
+        let request = if pause {
+            VcpuRequest::Pause
+        } else {
+            VcpuRequest::Resume
+        };
+        for vcpu in vcpus {
+            vcpu.request(request);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < vcpus.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = vcpu_events.recv_timeout(left).map_err(|_| {
+                ActionError::Failed(format!(
+                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
+                    answered.len(),
+                    vcpus.len()
+                ))
+            })?;
+            match event {
+                VcpuEvent::Paused { id } if pause => {
+                    answered.insert(id);
+                }
+                VcpuEvent::Resumed { id } if !pause => {
+                    answered.insert(id);
+                }
+                other => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        self.paused = pause;
+        Ok(())
+    }
+
     fn on_vcpu_event(&mut self, event: VcpuEvent, vcpu_count: usize) -> Option<VmOutcome> {
         match event {
+            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } => None,
             VcpuEvent::Stopped { id, reason } => Some(match reason {
                 VcpuStop::GuestReset => VmOutcome::Reset,
                 VcpuStop::TripleFault => {

@@ -125,14 +125,17 @@ pub fn filters(kind: ThreadKind, level: SeccompLevel) -> Result<ThreadFilters, S
             .map_err(|e| SeccompError::Build(kind.name(), e))
     };
     let mut programs = Vec::new();
-    if level == SeccompLevel::Arguments && allows_threads(kind) {
-        // clone3 passes its flags in memory the filter cannot read: make it unavailable so
-        // glibc falls back to clone, whose flags the allow-list checks. Stacked filters
-        // take the strictest answer, so ENOSYS here wins over the allow-list's Allow. It goes
-        // first: installing a filter needs prctl and seccomp, which it allows.
-        let clone3 = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    // Syscalls refused with ENOSYS rather than SIGSYS, in a filter of their own that goes
+    // first (installing the next filter needs prctl and seccomp, which it lets through).
+    // Stacked filters take the strictest answer, so its ENOSYS wins over the allow-list's
+    // Allow; the allow-list lets these through so that its SIGSYS does not win instead.
+    let quiet: BTreeMap<i64, Vec<SeccompRule>> = quietly_refused(kind, level)
+        .into_iter()
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    if !quiet.is_empty() {
         programs.push(build(
-            clone3,
+            quiet,
             SeccompAction::Allow,
             SeccompAction::Errno(libc::ENOSYS as u32),
         )?);
@@ -148,6 +151,24 @@ pub fn filters(kind: ThreadKind, level: SeccompLevel) -> Result<ThreadFilters, S
 /// Whether threads of `kind` start other threads.
 fn allows_threads(kind: ThreadKind) -> bool {
     kind == ThreadKind::Vcpu
+}
+
+/// Syscalls threads of `kind` may attempt but that fail with ENOSYS:
+/// - `openat` outside the main thread: glibc's malloc, when it first shrinks a thread's
+///   arena (on `free` or at thread exit), opens `/proc/sys/vm/overcommit_memory` and treats
+///   a failed open as "overcommit is not strict", which is what we want; nothing else on
+///   those threads opens files.
+/// - `clone3` at level 2 on threads that start threads: its flags live in memory a filter
+///   cannot read, and glibc falls back to `clone`, whose flags the allow-list checks.
+fn quietly_refused(kind: ThreadKind, level: SeccompLevel) -> Vec<i64> {
+    let mut syscalls = Vec::new();
+    if kind != ThreadKind::Vmm {
+        syscalls.push(libc::SYS_openat);
+    }
+    if level == SeccompLevel::Arguments && allows_threads(kind) {
+        syscalls.push(libc::SYS_clone3);
+    }
+    syscalls
 }
 
 thread_local! {
@@ -497,7 +518,8 @@ fn vcpu(rules: &mut Rules) {
 }
 
 /// The main thread once the VM runs: its epoll loop, vCPU kicks, stdin, the terminal mode
-/// restored at exit, the vsock socket removed at exit, the metrics timer.
+/// restored at exit, the vsock socket removed at exit, the metrics timer, and the API actions
+/// on a running VM (`PATCH /drives` opens the new backing file, existing files only).
 fn vmm(rules: &mut Rules) {
     common(rules);
     epoll(rules);
@@ -508,7 +530,14 @@ fn vmm(rules: &mut Rules) {
         libc::SYS_timerfd_gettime,
         libc::SYS_fsync,
         libc::SYS_lseek,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
     ]);
+    rules.allow_if(
+        libc::SYS_openat,
+        vec![rule(vec![arg_masked(2, libc::O_CREAT as u64, 0)])],
+    );
     rules.allow_ioctls(&[libc::TCGETS, libc::TCSETS, libc::FIONBIO]);
 }
 
@@ -535,6 +564,8 @@ fn api(rules: &mut Rules) {
 
 fn rules(kind: ThreadKind, level: SeccompLevel) -> Rules {
     let mut rules = Rules::new(level);
+    // The filter installed before the allow-list answers these with ENOSYS.
+    rules.allow(&quietly_refused(kind, level));
     match kind {
         ThreadKind::Vmm => vmm(&mut rules),
         ThreadKind::Vcpu => vcpu(&mut rules),
