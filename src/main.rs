@@ -208,6 +208,11 @@ struct BootArgs {
     /// Turn seccomp off (the same as --seccomp-level 0).
     #[arg(long)]
     no_seccomp: bool,
+
+    /// Write Firecracker-style JSON metrics lines to this existing file or named pipe (every
+    /// 60 s and when the VM stops).
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
 }
 
 /// Prints `error` and its causes on one line.
@@ -295,6 +300,7 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
                         .map_err(|e| format!("invalid --seccomp-level: {e}"))
                 })?
         },
+        metrics_path: args.metrics_path,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)

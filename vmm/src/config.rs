@@ -63,6 +63,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// How strictly seccomp filters the VMM's threads (on by default).
     pub seccomp_level: crate::seccomp::SeccompLevel,
+    /// A file or named pipe for Firecracker-style metrics lines.
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// A virtio-vsock device in Firecracker's hybrid style.
@@ -120,6 +122,9 @@ pub struct NetConfig {
     pub rx_rate: RateLimiterConfig,
     /// Limits on what the guest sends.
     pub tx_rate: RateLimiterConfig,
+    /// The interface's ID (the API's `iface_id`), naming it in metrics; `eth<index>` when
+    /// absent.
+    pub id: Option<String>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -172,6 +177,7 @@ impl NetConfig {
             mac,
             rx_rate,
             tx_rate,
+            id: None,
         })
     }
 }
@@ -291,6 +297,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             vsock: None,
             seccomp_level: crate::seccomp::SeccompLevel::default(),
+            metrics_path: None,
         }
     }
 }
@@ -589,6 +596,7 @@ mod tests {
                 mac: Some([0x52, 0x54, 0, 0xaa, 0xbb, 1]),
                 rx_rate: RateLimiterConfig::default(),
                 tx_rate: RateLimiterConfig::default(),
+                id: None,
             })
         );
         assert_eq!(NetConfig::parse("tap=t").map(|n| n.mac), Ok(None));
@@ -613,6 +621,7 @@ mod tests {
             mac,
             rx_rate: RateLimiterConfig::default(),
             tx_rate: RateLimiterConfig::default(),
+            id: None,
         };
         let mut config = VmConfig {
             nets: vec![net("a", None), net("a", None)],

@@ -5,6 +5,7 @@
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
+use crate::metrics::MetricsWriter;
 use crate::resources::VmResources;
 use crate::rpc::{
     ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
@@ -48,7 +49,12 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// Applies an action that is valid before the VM starts.
-fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> ActionResult {
+fn handle_pre_boot(
+    resources: &mut VmResources,
+    metrics: &mut Option<MetricsWriter>,
+    id: &str,
+    action: VmmAction,
+) -> ActionResult {
     match action {
         VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
             id,
@@ -69,22 +75,34 @@ fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> 
             resources.logger = Some(l);
             Ok(VmmData::Empty)
         }
-        VmmAction::PutMetrics(_) | VmmAction::FlushMetrics | VmmAction::GetPrometheusMetrics => {
-            metrics_action()
+        VmmAction::PutMetrics(m) => {
+            if metrics.is_some() {
+                return Err(ActionError::State(
+                    "the metrics system is already initialized".into(),
+                ));
+            }
+            let writer = MetricsWriter::open(&m.metrics_path)
+                .map_err(|e| ActionError::Failed(error_chain(&e)))?;
+            *metrics = Some(writer);
+            resources.metrics = Some(m);
+            Ok(VmmData::Empty)
         }
+        VmmAction::FlushMetrics => match metrics {
+            Some(writer) => writer
+                .flush(None)
+                .map(|()| VmmData::Empty)
+                .map_err(|e| ActionError::Failed(error_chain(&e))),
+            None => Err(ActionError::State(
+                "FlushMetrics: no metrics path is configured".into(),
+            )),
+        },
+        VmmAction::GetPrometheusMetrics => Ok(VmmData::Text(crate::metrics::prometheus(None))),
         VmmAction::PatchDrive(..) => Err(ActionError::PostBootOnly("PATCH /drives")),
         VmmAction::PatchNet(..) => Err(ActionError::PostBootOnly("PATCH /network-interfaces")),
         VmmAction::SendCtrlAltDel => Err(ActionError::PostBootOnly("SendCtrlAltDel")),
         VmmAction::Pause | VmmAction::Resume => Err(ActionError::PostBootOnly("PATCH /vm")),
         VmmAction::InstanceStart => unreachable!("InstanceStart is handled by the caller"),
     }
-}
-
-/// Metrics actions; the metrics system is wired in by the metrics work.
-pub fn metrics_action() -> ActionResult {
-    Err(ActionError::Failed(
-        "metrics are not available in this build".into(),
-    ))
 }
 
 fn empty(r: Result<(), crate::resources::ResourceError>) -> ActionResult {
@@ -102,7 +120,15 @@ pub fn run(
     console_in: Option<std::os::fd::RawFd>,
     start: Instant,
 ) -> Result<VmOutcome, VmmError> {
-    let (vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
+    crate::metrics::api()
+        .process_startup_time_us
+        .set(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
+    let mut metrics = resources
+        .metrics
+        .as_ref()
+        .map(|m| MetricsWriter::open(&m.metrics_path))
+        .transpose()?;
+    let (mut vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
         let vmm = build(&resources, start).map_err(|e| VmmError::Api(e.to_string()))?;
         (vmm, None)
     } else {
@@ -124,12 +150,14 @@ pub fn run(
                     }
                 }
             } else {
-                let answer = handle_pre_boot(&mut resources, instance_id, request.action);
+                let answer =
+                    handle_pre_boot(&mut resources, &mut metrics, instance_id, request.action);
                 // A client that hung up needs no answer.
                 let _ = request.reply.send(answer);
             }
         }
     };
+    vmm.set_metrics_writer(metrics);
     let context = api.map(|receiver| ApiContext {
         receiver,
         resources,

@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod resources;
 pub mod rpc;
 pub mod seccomp;

@@ -906,6 +906,7 @@ impl VmResources {
                 mac: n.guest_mac.as_deref().and_then(parse_mac),
                 rx_rate: n.rx_rate_limiter.unwrap_or_default().to_config(),
                 tx_rate: n.tx_rate_limiter.unwrap_or_default().to_config(),
+                id: Some(n.iface_id.clone()),
             })
             .collect();
         let config = VmConfig {
@@ -931,6 +932,8 @@ impl VmResources {
                 uds_path: v.uds_path.clone(),
             }),
             seccomp_level: self.seccomp_level,
+            // The controller opens the metrics output itself (PUT /metrics comes before boot).
+            metrics_path: None,
         };
         config.validate()?;
         Ok(config)

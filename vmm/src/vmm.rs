@@ -20,6 +20,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
 use crate::controller::error_chain;
@@ -27,6 +28,7 @@ use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
+use crate::metrics::{MetricsError, MetricsWriter, Registry, PERIODIC_FLUSH};
 use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
 use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
 use crate::seccomp::{self, SeccompError, SeccompLevel, ThreadKind};
@@ -111,6 +113,9 @@ pub enum VmmError {
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The metrics output cannot be opened.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// Seccomp filters cannot be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
@@ -152,6 +157,7 @@ struct Parts {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+    metrics: Registry,
 }
 
 /// A built VM, ready to run.
@@ -168,6 +174,13 @@ pub struct Vmm {
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
     seccomp_level: SeccompLevel,
+    metrics: Registry,
+    metrics_writer: Option<MetricsWriter>,
+}
+
+/// The name of network interface `index` in metrics: its ID from the API, else `eth<index>`.
+fn net_metrics_id(net: &crate::config::NetConfig, index: usize) -> String {
+    net.id.clone().unwrap_or_else(|| format!("eth{index}"))
 }
 
 /// A locally administered unicast MAC address for interface `index` of this VMM process.
@@ -267,6 +280,11 @@ impl Vmm {
             .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
 
         let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
+        let metrics_writer = config
+            .metrics_path
+            .as_deref()
+            .map(MetricsWriter::open)
+            .transpose()?;
         let parts = std::thread::scope(|scope| {
             // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
             // waits for an SRCU grace period): do it while the kernel is loaded and the vCPUs
@@ -290,6 +308,8 @@ impl Vmm {
             vcpu_events_evt: parts.vcpu_events_evt,
             protocol: parts.protocol,
             seccomp_level: config.seccomp_level,
+            metrics: parts.metrics,
+            metrics_writer,
         })
     }
 
@@ -311,8 +331,24 @@ impl Vmm {
             .map(|path| crate::loader::load_initrd(guest_memory, path, &kernel))
             .transpose()?;
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
+        let mut metrics = Registry::default();
+        metrics.set_legacy(
+            devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices.boot_time_us.clone(),
+        );
         if config.rng {
-            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
+            let rng = Rng::new();
+            metrics.set_entropy(rng.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(rng))?;
         }
         let mut cmdline = config.cmdline.clone();
         for (index, disk) in config.disks.iter().enumerate() {
@@ -321,6 +357,7 @@ impl Vmm {
             devices
                 .block_controls
                 .push((disk.id.clone(), block.control()));
+            metrics.add_block(&disk.id, block.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -334,10 +371,12 @@ impl Vmm {
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
             devices.net_controls.push(device.control());
+            metrics.add_net(&net_metrics_id(net, index), device.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            metrics.set_vsock(device.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
         }
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
@@ -405,7 +444,7 @@ impl Vmm {
             let evt = vcpu_events_evt
                 .try_clone()
                 .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
-            vcpus.push(Vcpu::new(
+            let mut vcpu = Vcpu::new(
                 id,
                 fd,
                 devices.pio_bus.clone(),
@@ -414,7 +453,9 @@ impl Vmm {
                 evt,
                 req_rx,
                 start,
-            ));
+            );
+            vcpu.set_metrics(metrics.add_vcpu());
+            vcpus.push(vcpu);
             vcpu_requests.push(req_tx);
         }
 
@@ -425,6 +466,7 @@ impl Vmm {
             vcpu_events,
             vcpu_events_evt,
             protocol: kernel.protocol,
+            metrics,
         })
     }
 
@@ -477,6 +519,10 @@ impl Vmm {
             event_loop.watch(api.receiver.evt.as_raw_fd(), TOKEN_API)?;
         }
         event_loop.api = api;
+        event_loop.set_metrics(
+            std::mem::take(&mut self.metrics),
+            self.metrics_writer.take(),
+        )?;
         seccomp::install_filters(ThreadKind::Vmm, &vmm_filters)?;
         if level != SeccompLevel::None {
             tracing::info!(?level, "seccomp filters installed on every thread");
@@ -488,7 +534,18 @@ impl Vmm {
         if let Some(reply) = event_loop.api.as_mut().and_then(|a| a.start_reply.take()) {
             let _ = reply.send(Ok(VmmData::Empty));
         }
-        event_loop.run(&self.devices, &self.vcpu_events, &handles)
+        let outcome = event_loop.run(&self.devices, &self.vcpu_events, &handles);
+        // A last line, as Firecracker writes at exit.
+        event_loop.flush_metrics();
+        outcome
+    }
+
+    /// Writes metrics lines to `writer` (replacing any from the configuration): on
+    /// `FlushMetrics`, every [`crate::metrics::PERIODIC_FLUSH`] and when the VM stops.
+    pub fn set_metrics_writer(&mut self, writer: Option<MetricsWriter>) {
+        if writer.is_some() {
+            self.metrics_writer = writer;
+        }
     }
 
     fn vcpu_evt_clone(&self) -> Result<EventFd, VmmError> {
@@ -503,6 +560,7 @@ const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
+const TOKEN_METRICS: u64 = 6;
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -524,6 +582,10 @@ struct EventLoop {
     paused: bool,
     /// How the VM ended, noticed while serving a request.
     outcome: Option<VmOutcome>,
+    /// Every counter of the VM.
+    metrics: Registry,
+    /// Where metrics lines go, with the timer of the periodic flush.
+    metrics_out: Option<(MetricsWriter, TimerFd)>,
 }
 
 impl EventLoop {
@@ -561,7 +623,40 @@ impl EventLoop {
             api: None,
             paused: false,
             outcome: None,
+            metrics: Registry::default(),
+            metrics_out: None,
         })
+    }
+
+    /// Takes the VM's metrics and, with a writer, arms the periodic flush.
+    fn set_metrics(
+        &mut self,
+        metrics: Registry,
+        writer: Option<MetricsWriter>,
+    ) -> Result<(), VmmError> {
+        self.metrics = metrics;
+        if let Some(writer) = writer {
+            let io = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+            let mut timer = TimerFd::new()
+                .map_err(|e| VmmError::EventLoop("create the metrics timer", io(e)))?;
+            timer
+                .reset(PERIODIC_FLUSH, Some(PERIODIC_FLUSH))
+                .map_err(|e| VmmError::EventLoop("arm the metrics timer", io(e)))?;
+            self.watch(timer.as_raw_fd(), TOKEN_METRICS)?;
+            self.metrics_out = Some((writer, timer));
+        }
+        Ok(())
+    }
+
+    /// Writes a metrics line if a writer is set; a failure is logged, not fatal.
+    fn flush_metrics(&mut self) -> bool {
+        let Some((writer, _)) = &mut self.metrics_out else {
+            return false;
+        };
+        if let Err(e) = writer.flush(Some(&self.metrics)) {
+            tracing::warn!("{}", crate::controller::error_chain(&e));
+        }
+        true
     }
 
     fn watch(&self, fd: RawFd, token: u64) -> Result<(), VmmError> {
@@ -619,6 +714,13 @@ impl EventLoop {
                     TOKEN_SERIAL_ROOM => {
                         let _ = devices.serial_input_room_evt.read();
                         self.feed_serial(devices)?;
+                    }
+                    TOKEN_METRICS => {
+                        if let Some((_, timer)) = &mut self.metrics_out {
+                            // Drain the expiration count; one line however many passed.
+                            let _ = timer.wait();
+                        }
+                        self.flush_metrics();
                     }
                     _ => {}
                 }
@@ -694,9 +796,17 @@ impl EventLoop {
                     .trigger_ctrl_alt_del();
                 Ok(VmmData::Empty)
             }
-            VmmAction::FlushMetrics
-            | VmmAction::GetPrometheusMetrics
-            | VmmAction::PutMetrics(_) => crate::controller::metrics_action(),
+            VmmAction::FlushMetrics => {
+                if self.flush_metrics() {
+                    Ok(VmmData::Empty)
+                } else {
+                    Err(ActionError::State(
+                        "FlushMetrics: no metrics path is configured".into(),
+                    ))
+                }
+            }
+            VmmAction::GetPrometheusMetrics => Ok(VmmData::Text(self.metrics.prometheus())),
+            VmmAction::PutMetrics(_) => Err(ActionError::PreBootOnly("PUT /metrics")),
             VmmAction::PatchDrive(id, patch) => {
                 self.patch_drive(devices, &id, patch)?;
                 Ok(VmmData::Empty)
@@ -800,6 +910,7 @@ impl EventLoop {
         if self.paused == pause {
             return Ok(());
         }
+        let started = Instant::now();
         let request = if pause {
             VcpuRequest::Pause
         } else {
@@ -835,6 +946,12 @@ impl EventLoop {
             }
         }
         self.paused = pause;
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if pause {
+            self.metrics.latencies.pause_vm.set(us);
+        } else {
+            self.metrics.latencies.resume_vm.set(us);
+        }
         Ok(())
     }
 

@@ -280,6 +280,7 @@ extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
     let mut buf = [0u8; 400];
     let mut len = 0;
     if code == SYS_SECCOMP {
+        crate::metrics::SECCOMP_FAULTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         push(&mut buf, &mut len, b"anvil-vmm: seccomp: the ");
         push(&mut buf, &mut len, kind.as_bytes());
         push(&mut buf, &mut len, b" thread made forbidden syscall ");
