@@ -5,131 +5,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api_server::client::{Client, Response};
-use common::{anvil_vmm, kvm_available, testguest, TempDir};
-
-/// An anvil-vmm process in Firecracker mode, its console output collected as it comes.
-struct ApiVmm {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    socket: PathBuf,
-}
-
-impl ApiVmm {
-    fn spawn(args: &[&str]) -> Self {
-        let socket = args
-            .iter()
-            .position(|a| *a == "--api-sock")
-            .map(|i| PathBuf::from(args[i + 1]))
-            .unwrap_or_default();
-        let mut child = Command::new(anvil_vmm())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    output
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Self {
-            child,
-            output,
-            socket,
-        }
-    }
-
-    /// Connects once the socket answers.
-    fn client(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(c) = Client::connect(&self.socket) {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "API socket never answered; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Waits until `cond` holds for the output.
-    fn wait_for(&self, what: &str, cond: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !cond(&self.output()) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// The last `TG count=` the guest printed.
-    fn count(&self) -> u64 {
-        common::tg_lines(&self.output())
-            .iter()
-            .filter(|(k, _)| k == "count")
-            .filter_map(|(_, v)| v.parse().ok())
-            .next_back()
-            .unwrap_or(0)
-    }
-
-    /// Waits for the process to exit; returns its status code.
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers catch the last bytes.
-                std::thread::sleep(Duration::from_millis(50));
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "anvil-vmm did not exit; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for ApiVmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::api_vmm::ApiVmm;
+use common::{kvm_available, testguest, TempDir};
 
 fn send(c: &mut Client, method: &str, path: &str, body: Option<&str>) -> Response {
     c.request(method, path, body).unwrap()
@@ -208,7 +89,7 @@ fn boots_by_api_calls_alone_then_pauses_resumes_and_takes_ctrl_alt_del() {
     assert_204(&mut c, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
     assert_eq!(send(&mut c, "GET", "/", None).json()["state"], "Running");
     vmm.wait_for("the counter to move on", |_| vmm.count() >= paused_at + 5);
-    let counts: Vec<u64> = common::tg_lines(&vmm.output())
+    let counts: Vec<u64> = common::tg_lines(&vmm.console())
         .iter()
         .filter(|(k, _)| k == "count")
         .map(|(_, v)| v.parse().unwrap())
@@ -523,7 +404,7 @@ fn a_drive_is_swapped_while_the_guest_runs() {
     let mut vmm = vmm;
     assert_eq!(vmm.wait_exit(), 0, "{}", vmm.output());
     let tg: std::collections::BTreeMap<String, String> =
-        common::tg_lines(&vmm.output()).into_iter().collect();
+        common::tg_lines(&vmm.console()).into_iter().collect();
     assert_eq!(tg["blk_capacity_changed"], "4096");
     assert_eq!(tg["blk_config_irq"], "1");
     assert_eq!(

@@ -2,14 +2,18 @@
 //! `InstanceStart` (or a configuration file) builds the VM, which then serves the requests
 //! that make sense for a running VM from its event loop.
 
+use std::path::PathBuf;
 use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::config::VmConfig;
 use crate::metrics::MetricsWriter;
 use crate::resources::VmResources;
 use crate::rpc::{
     ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
 };
+use crate::vmm::PreparedVm;
 use crate::vmm::{ApiContext, VmOutcome, Vmm, VmmError};
 
 /// anvil's version, as `GET /` and `GET /version` report it.
@@ -25,15 +29,99 @@ pub fn instance_info(id: &str, state: VmState) -> InstanceInfo {
     }
 }
 
-/// Builds and starts the VM described by `resources`.
-fn build(resources: &VmResources, start: Instant) -> Result<Vmm, ActionError> {
+/// Builds the VM described by `resources`, from `prepared` where it fits.
+fn build(
+    resources: &VmResources,
+    start: Instant,
+    prepared: Option<PreparedVm>,
+) -> Result<Vmm, ActionError> {
     let config = resources.vm_config()?;
     if crate::kvm::host_emulates_guest_kernel() {
         tracing::warn!(
             "this host's KVM (kvm_pvm) emulates guest kernel code: a Linux guest will boot very slowly here"
         );
     }
-    Vmm::build(&config, start).map_err(|e| ActionError::Start(error_chain(&e)))
+    Vmm::build_from(&config, start, prepared).map_err(|e| ActionError::Start(error_chain(&e)))
+}
+
+/// What a VM is prepared for ahead of InstanceStart: the machine and the boot files.
+#[derive(Debug, Clone, PartialEq)]
+struct PrepareSpec {
+    kvm_device: PathBuf,
+    mem_size_mib: u64,
+    vcpu_count: u8,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+}
+
+/// Prepares the VM on a helper thread while the client is still configuring it, so that
+/// InstanceStart finds the KVM VM, its memory and the loaded kernel ready (see
+/// [`PreparedVm`]). A change to the machine or the boot source starts a new preparation;
+/// the old one is dropped when its thread ends.
+#[derive(Debug, Default)]
+struct Preparer {
+    current: Option<(PrepareSpec, JoinHandle<Result<PreparedVm, VmmError>>)>,
+}
+
+impl Preparer {
+    fn update(&mut self, resources: &VmResources) {
+        let Ok(vcpu_count) = crate::config::validate_vcpu_count(resources.machine.vcpu_count)
+        else {
+            return;
+        };
+        let spec = PrepareSpec {
+            kvm_device: resources
+                .kvm_device
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/dev/kvm")),
+            mem_size_mib: resources.machine.mem_size_mib,
+            vcpu_count,
+            kernel: resources
+                .boot_source
+                .as_ref()
+                .map(|b| b.kernel_image_path.clone())
+                .unwrap_or_default(),
+            initrd: resources
+                .boot_source
+                .as_ref()
+                .and_then(|b| b.initrd_path.clone()),
+        };
+        if self.current.as_ref().is_some_and(|(s, _)| *s == spec) {
+            return;
+        }
+        let config = VmConfig {
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            vcpu_count,
+            mem_size_mib: spec.mem_size_mib,
+            kvm_device: spec.kvm_device.clone(),
+            ..VmConfig::default()
+        };
+        match std::thread::Builder::new()
+            .name("anvil-prepare".into())
+            .spawn(move || PreparedVm::new(&config))
+        {
+            Ok(handle) => self.current = Some((spec, handle)),
+            Err(e) => {
+                tracing::debug!("cannot start preparing the VM: {e}");
+                self.current = None;
+            }
+        }
+    }
+
+    /// The prepared VM, waiting for the preparation to finish; `None` if it failed (the
+    /// build then fails with the real error or succeeds from scratch).
+    fn take(&mut self) -> Option<PreparedVm> {
+        let (_, handle) = self.current.take()?;
+        match handle.join() {
+            Ok(Ok(prepared)) => Some(prepared),
+            Ok(Err(e)) => {
+                tracing::debug!("preparing the VM failed: {}", error_chain(&e));
+                None
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
 }
 
 /// An error and its causes on one line.
@@ -129,7 +217,7 @@ pub fn run(
         .map(|m| MetricsWriter::open(&m.metrics_path))
         .transpose()?;
     let (mut vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
-        let vmm = build(&resources, start).map_err(|e| VmmError::Api(e.to_string()))?;
+        let vmm = build(&resources, start, None).map_err(|e| VmmError::Api(e.to_string()))?;
         (vmm, None)
     } else {
         let Some(api) = api.as_ref() else {
@@ -137,21 +225,27 @@ pub fn run(
                 "nothing to boot: no configuration file and no API socket".into(),
             ));
         };
+        let mut preparer = Preparer::default();
+        preparer.update(&resources);
         loop {
             let Ok(request) = api.rx.recv() else {
                 return Err(VmmError::Api("the API server stopped".into()));
             };
             if request.action == VmmAction::InstanceStart {
-                match build(&resources, start) {
+                match build(&resources, start, preparer.take()) {
                     Ok(vmm) => break (vmm, Some(request.reply)),
                     Err(e) => {
                         tracing::warn!("InstanceStart failed: {e}");
                         let _ = request.reply.send(Err(e));
+                        preparer.update(&resources);
                     }
                 }
             } else {
                 let answer =
                     handle_pre_boot(&mut resources, &mut metrics, instance_id, request.action);
+                if answer.is_ok() {
+                    preparer.update(&resources);
+                }
                 // A client that hung up needs no answer.
                 let _ = request.reply.send(answer);
             }

@@ -19,4 +19,4 @@ mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
 pub use seccomp::SeccompLevel;
-pub use vmm::{ApiContext, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};

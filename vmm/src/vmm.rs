@@ -183,6 +183,183 @@ fn net_metrics_id(net: &crate::config::NetConfig, index: usize) -> String {
     net.id.clone().unwrap_or_else(|| format!("eth{index}"))
 }
 
+/// What a [`PreparedVm`] was made for: a different value needs a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrepareKey {
+    kvm_device: PathBuf,
+    mem_size_mib: u64,
+    vcpu_count: u8,
+}
+
+impl PrepareKey {
+    fn of(config: &VmConfig) -> Self {
+        Self {
+            kvm_device: config.kvm_device.clone(),
+            mem_size_mib: config.mem_size_mib,
+            vcpu_count: config.vcpu_count,
+        }
+    }
+}
+
+/// The identity of the kernel and initrd files and how they are loaded: a preloaded kernel
+/// is used only if none of it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FilesKey {
+    kernel: FileId,
+    initrd: Option<FileId>,
+    protocol: crate::config::BootProtocolChoice,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+impl FilesKey {
+    fn of(config: &VmConfig) -> Option<Self> {
+        Some(Self {
+            kernel: FileId::of(&config.kernel)?,
+            initrd: match &config.initrd {
+                Some(path) => Some(FileId::of(path)?),
+                None => None,
+            },
+            protocol: config.boot_protocol,
+        })
+    }
+}
+
+/// A kernel and initrd already in guest memory.
+#[derive(Debug)]
+struct Preloaded {
+    files: FilesKey,
+    kernel: crate::loader::LoadedKernel,
+    initrd: Option<arch::boot::InitrdConfig>,
+}
+
+/// The parts of a VM that depend only on the machine configuration and the kernel files,
+/// made ahead of `InstanceStart` on a helper thread (the API's pre-boot phase): the KVM VM
+/// with its irqchip and PIT, guest memory registered with KVM and, when the boot source is
+/// known, the kernel and initrd loaded. [`Vmm::build_from`] uses it when nothing it depends
+/// on changed since.
+#[derive(Debug)]
+pub struct PreparedVm {
+    key: PrepareKey,
+    kvm: Kvm,
+    vm: VmFd,
+    guest_memory: GuestMemoryMmap,
+    loaded: Option<Preloaded>,
+}
+
+impl Preloaded {
+    /// Loads the kernel and initrd of `config` into `mem`.
+    fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
+        // Taken before reading, so a file replaced meanwhile does not match later.
+        let files = FilesKey::of(config);
+        let kernel = crate::loader::load_kernel(mem, &config.kernel, config.boot_protocol)?;
+        let initrd = config
+            .initrd
+            .as_ref()
+            .map(|path| crate::loader::load_initrd(mem, path, &kernel))
+            .transpose()?;
+        Ok(Self {
+            files: files.ok_or_else(|| {
+                VmmError::Api("the kernel or initrd file changed while it was loaded".into())
+            })?,
+            kernel,
+            initrd,
+        })
+    }
+}
+
+impl PreparedVm {
+    /// Checks `config`'s machine against the host and KVM, creates the VM and its memory and,
+    /// if `config` names a kernel, loads it (while KVM installs the memory slot).
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let kvm = crate::kvm::open(&config.kvm_device)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.vcpu_count) > max_vcpus {
+            return Err(VmmError::TooManyVcpus {
+                count: config.vcpu_count,
+                max: max_vcpus,
+            });
+        }
+        if let Some(host_mib) = crate::kvm::host_memory_mib() {
+            if config.mem_size_mib > host_mib {
+                return Err(VmmError::TooMuchMemory {
+                    mib: config.mem_size_mib,
+                    host_mib,
+                });
+            }
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        // KVM's IOAPIC starts with ID 0; give it the ID the MP table and MADT announce.
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut ioapic)
+            .map_err(|e| VmmError::VmSetup("read the IOAPIC state", e))?;
+        ioapic.chip.ioapic.id = u32::from(arch::mptable::ioapic_id(config.vcpu_count));
+        vm.set_irqchip(&ioapic)
+            .map_err(|e| VmmError::VmSetup("set the IOAPIC ID", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+
+        let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
+        let loaded = std::thread::scope(|scope| {
+            // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
+            // waits for an SRCU grace period): load the kernel meanwhile.
+            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let loaded = if config.kernel.as_os_str().is_empty() {
+                Ok(None)
+            } else {
+                Preloaded::load(config, &guest_memory).map(Some)
+            };
+            slots
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            loaded
+        })?;
+        Ok(Self {
+            key: PrepareKey::of(config),
+            kvm,
+            vm,
+            guest_memory,
+            loaded,
+        })
+    }
+}
+
 /// A locally administered unicast MAC address for interface `index` of this VMM process.
 fn default_mac(index: usize) -> [u8; 6] {
     let pid = std::process::id().to_be_bytes();
@@ -212,24 +389,18 @@ impl Vmm {
     /// guest memory, devices and vCPUs, and loads the kernel. `start` is when the VMM process
     /// started (for the boot timer).
     pub fn build(config: &VmConfig, start: Instant) -> Result<Self, VmmError> {
+        Self::build_from(config, start, None)
+    }
+
+    /// Like [`Vmm::build`], using `prepared` when it was made for this configuration (see
+    /// [`PreparedVm`]); otherwise it is dropped and the VM made afresh.
+    pub fn build_from(
+        config: &VmConfig,
+        start: Instant,
+        prepared: Option<PreparedVm>,
+    ) -> Result<Self, VmmError> {
         config.validate()?;
         crate::loader::check_files(&config.kernel, config.initrd.as_deref())?;
-        let kvm = crate::kvm::open(&config.kvm_device)?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(config.vcpu_count) > max_vcpus {
-            return Err(VmmError::TooManyVcpus {
-                count: config.vcpu_count,
-                max: max_vcpus,
-            });
-        }
-        if let Some(host_mib) = crate::kvm::host_memory_mib() {
-            if config.mem_size_mib > host_mib {
-                return Err(VmmError::TooMuchMemory {
-                    mib: config.mem_size_mib,
-                    host_mib,
-                });
-            }
-        }
         let template = config
             .cpu_template
             .as_ref()
@@ -252,55 +423,37 @@ impl Vmm {
                 CpuTemplate::from_json(&text).map_err(|e| fail(Box::new(e)))
             })
             .transpose()?;
-
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
-        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
-            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
-        // KVM's IOAPIC starts with ID 0; give it the ID the MP table and MADT announce.
-        let mut ioapic = kvm_irqchip {
-            chip_id: KVM_IRQCHIP_IOAPIC,
-            ..Default::default()
+        let key = PrepareKey::of(config);
+        let mut prepared = match prepared {
+            Some(p) if p.key == key => {
+                tracing::debug!(preloaded = p.loaded.is_some(), "using the prepared VM");
+                p
+            }
+            _ => PreparedVm::new(config)?,
         };
-        vm.get_irqchip(&mut ioapic)
-            .map_err(|e| VmmError::VmSetup("read the IOAPIC state", e))?;
-        ioapic.chip.ioapic.id = u32::from(arch::mptable::ioapic_id(config.vcpu_count));
-        vm.set_irqchip(&ioapic)
-            .map_err(|e| VmmError::VmSetup("set the IOAPIC ID", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
-
-        let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
         let metrics_writer = config
             .metrics_path
             .as_deref()
             .map(MetricsWriter::open)
             .transpose()?;
-        let parts = std::thread::scope(|scope| {
-            // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
-            // waits for an SRCU grace period): do it while the kernel is loaded and the vCPUs
-            // are set up, which need the slot only once they run.
-            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
-            let parts = Self::configure(config, &kvm, &vm, &guest_memory, template.as_ref(), start);
-            slots
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-            parts
-        })?;
-
+        let files = FilesKey::of(config);
+        let preloaded = prepared
+            .loaded
+            .take()
+            .filter(|l| files.as_ref().is_some_and(|f| *f == l.files));
+        let parts = Self::configure(
+            config,
+            &prepared.kvm,
+            &prepared.vm,
+            &prepared.guest_memory,
+            template.as_ref(),
+            start,
+            preloaded,
+        )?;
         Ok(Self {
-            _kvm: kvm,
-            _vm: vm,
-            _guest_memory: guest_memory,
+            _kvm: prepared.kvm,
+            _vm: prepared.vm,
+            _guest_memory: prepared.guest_memory,
             devices: parts.devices,
             vcpus: parts.vcpus,
             vcpu_requests: parts.vcpu_requests,
@@ -322,14 +475,12 @@ impl Vmm {
         guest_memory: &GuestMemoryMmap,
         template: Option<&CpuTemplate>,
         start: Instant,
+        preloaded: Option<Preloaded>,
     ) -> Result<Parts, VmmError> {
-        let kernel =
-            crate::loader::load_kernel(guest_memory, &config.kernel, config.boot_protocol)?;
-        let initrd = config
-            .initrd
-            .as_ref()
-            .map(|path| crate::loader::load_initrd(guest_memory, path, &kernel))
-            .transpose()?;
+        let Preloaded { kernel, initrd, .. } = match preloaded {
+            Some(p) => p,
+            None => Preloaded::load(config, guest_memory)?,
+        };
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
         let mut metrics = Registry::default();
         metrics.set_legacy(
