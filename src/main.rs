@@ -113,6 +113,21 @@ enum Command {
     /// Talk to a running anvil-vmm (or Firecracker) over its API socket and print the JSON
     /// answer.
     Ctl(ctl::CtlArgs),
+    /// Work on snapshot files.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Apply a Diff snapshot's memory file to its base (the memory file of the snapshot it is
+    /// relative to), in place; the Diff's state file then loads with the merged memory file.
+    Merge {
+        /// The base memory file, updated in place.
+        base: PathBuf,
+        /// The Diff snapshot's memory file.
+        diff: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -264,6 +279,7 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
         },
         kvm_device: args.kvm_device,
         rng: args.rng,
+        track_dirty_pages: false,
         disks: args
             .disk
             .iter()
@@ -451,6 +467,22 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Ctl(args)) => return ctl::run(args),
+        Some(Command::Snapshot(SnapshotCommand::Merge { base, diff })) => {
+            return match vmm::snapshot::merge_memory(&base, &diff) {
+                Ok(bytes) => {
+                    println!(
+                        "merged {bytes} bytes of {} into {}",
+                        diff.display(),
+                        base.display()
+                    );
+                    ExitCode::from(EXIT_OK)
+                }
+                Err(e) => {
+                    eprintln!("anvil-vmm: error: {}", error_line(&e));
+                    ExitCode::from(EXIT_ERROR)
+                }
+            };
+        }
         None if cli.fc.api_sock.is_none() && cli.fc.config_file.is_none() => {
             eprintln!(
                 "anvil-vmm: give a subcommand (boot, ctl) or --api-sock/--config-file (see --help)"

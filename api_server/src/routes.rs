@@ -210,6 +210,14 @@ async fn patch_vm(State(api): State<Api>, body: Body) -> Response {
     )
 }
 
+async fn create_snapshot(State(api): State<Api>, body: Body) -> Response {
+    call(&api, VmmAction::CreateSnapshot(body_or_return!(body)))
+}
+
+async fn load_snapshot(State(api): State<Api>, body: Body) -> Response {
+    call(&api, VmmAction::LoadSnapshot(body_or_return!(body)))
+}
+
 async fn get_vm_config(State(api): State<Api>) -> Response {
     call(&api, VmmAction::GetVmConfig)
 }
@@ -252,6 +260,8 @@ pub fn router(api: Api) -> Router {
         .route("/actions", put(put_actions))
         .route("/vm", axum::routing::patch(patch_vm))
         .route("/vm/config", get(get_vm_config))
+        .route("/snapshot/create", put(create_snapshot))
+        .route("/snapshot/load", put(load_snapshot))
         .fallback(invalid_path)
         .method_not_allowed_fallback(invalid_path)
         .layer(axum::middleware::from_fn(count_request))

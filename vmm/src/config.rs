@@ -65,6 +65,8 @@ pub struct VmConfig {
     pub seccomp_level: crate::seccomp::SeccompLevel,
     /// A file or named pipe for Firecracker-style metrics lines.
     pub metrics_path: Option<PathBuf>,
+    /// KVM logs the pages the guest dirties (for diff snapshots).
+    pub track_dirty_pages: bool,
 }
 
 /// A virtio-vsock device in Firecracker's hybrid style.
@@ -298,6 +300,7 @@ impl Default for VmConfig {
             vsock: None,
             seccomp_level: crate::seccomp::SeccompLevel::default(),
             metrics_path: None,
+            track_dirty_pages: false,
         }
     }
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use crate::config::VmConfig;
 use crate::metrics::MetricsWriter;
-use crate::resources::VmResources;
+use crate::resources::{
+    FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
+};
 use crate::rpc::{
     ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
 };
@@ -50,6 +52,7 @@ struct PrepareSpec {
     kvm_device: PathBuf,
     mem_size_mib: u64,
     vcpu_count: u8,
+    track_dirty_pages: bool,
     kernel: PathBuf,
     initrd: Option<PathBuf>,
 }
@@ -76,6 +79,7 @@ impl Preparer {
                 .unwrap_or_else(|| PathBuf::from("/dev/kvm")),
             mem_size_mib: resources.machine.mem_size_mib,
             vcpu_count,
+            track_dirty_pages: resources.machine.track_dirty_pages,
             kernel: resources
                 .boot_source
                 .as_ref()
@@ -95,6 +99,7 @@ impl Preparer {
             vcpu_count,
             mem_size_mib: spec.mem_size_mib,
             kvm_device: spec.kvm_device.clone(),
+            track_dirty_pages: spec.track_dirty_pages,
             ..VmConfig::default()
         };
         match std::thread::Builder::new()
@@ -134,6 +139,60 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     line
+}
+
+/// `PUT /snapshot/load`: the VM of a snapshot, and the resources it was configured with.
+fn load_snapshot(
+    params: &SnapshotLoadParams,
+    resources: &VmResources,
+    start: Instant,
+) -> Result<(Vmm, VmResources), ActionError> {
+    let fail = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
+    let mem_file = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(_), Some(_)) => {
+            return Err(ActionError::Failed(
+                "give mem_backend or mem_file_path, not both".into(),
+            ))
+        }
+        (Some(b), None) if b.backend_type == MemBackendType::Uffd => {
+            return Err(ActionError::Failed(
+                "mem_backend: the Uffd backend is not supported yet; use File".into(),
+            ))
+        }
+        (Some(b), None) => b.backend_path.clone(),
+        (None, Some(path)) => path.clone(),
+        (None, None) => {
+            return Err(ActionError::Failed(
+                "mem_backend: the memory file is missing".into(),
+            ))
+        }
+    };
+    if !params.network_overrides.is_empty() || params.vsock_override.is_some() {
+        return Err(ActionError::Failed(
+            "network_overrides/vsock_override: snapshots with devices are not supported yet".into(),
+        ));
+    }
+    if params.huge_pages.is_some_and(|h| h != HugePages::None) {
+        return Err(ActionError::Resource(ResourceError::Unsupported(
+            "huge_pages other than None",
+        )));
+    }
+    let state = crate::snapshot::read_state(&params.snapshot_path).map_err(|e| fail(&e))?;
+    let full: FullVmConfiguration = serde_json::from_str(&state.config_json)
+        .map_err(|e| ActionError::Failed(format!("invalid configuration in the snapshot: {e}")))?;
+    let kvm_device = resources
+        .kvm_device
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
+    let track = params.enable_diff_snapshots || params.track_dirty_pages;
+    let mut vmm =
+        Vmm::restore(&state, &mem_file, &kvm_device, track, start).map_err(|e| fail(&e))?;
+    vmm.set_seccomp_level(resources.seccomp_level);
+    let mut saved = VmResources::from_saved(full);
+    saved.seccomp_level = resources.seccomp_level;
+    saved.kvm_device = resources.kvm_device.clone();
+    saved.machine.track_dirty_pages = track;
+    Ok((vmm, saved))
 }
 
 /// Applies an action that is valid before the VM starts.
@@ -189,7 +248,10 @@ fn handle_pre_boot(
         VmmAction::PatchNet(..) => Err(ActionError::PostBootOnly("PATCH /network-interfaces")),
         VmmAction::SendCtrlAltDel => Err(ActionError::PostBootOnly("SendCtrlAltDel")),
         VmmAction::Pause | VmmAction::Resume => Err(ActionError::PostBootOnly("PATCH /vm")),
-        VmmAction::InstanceStart => unreachable!("InstanceStart is handled by the caller"),
+        VmmAction::CreateSnapshot(_) => Err(ActionError::PostBootOnly("PUT /snapshot/create")),
+        VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) => {
+            unreachable!("InstanceStart and LoadSnapshot are handled by the caller")
+        }
     }
 }
 
@@ -216,6 +278,7 @@ pub fn run(
         .as_ref()
         .map(|m| MetricsWriter::open(&m.metrics_path))
         .transpose()?;
+    let mut start_paused = false;
     let (mut vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
         let vmm = build(&resources, start, None).map_err(|e| VmmError::Api(e.to_string()))?;
         (vmm, None)
@@ -231,6 +294,20 @@ pub fn run(
             let Ok(request) = api.rx.recv() else {
                 return Err(VmmError::Api("the API server stopped".into()));
             };
+            if let VmmAction::LoadSnapshot(params) = &request.action {
+                match load_snapshot(params, &resources, start) {
+                    Ok((vmm, saved)) => {
+                        resources = saved;
+                        start_paused = !params.resume_vm;
+                        break (vmm, Some(request.reply));
+                    }
+                    Err(e) => {
+                        tracing::warn!("snapshot load failed: {e}");
+                        let _ = request.reply.send(Err(e));
+                    }
+                }
+                continue;
+            }
             if request.action == VmmAction::InstanceStart {
                 match build(&resources, start, preparer.take()) {
                     Ok(vmm) => break (vmm, Some(request.reply)),
@@ -257,6 +334,7 @@ pub fn run(
         resources,
         instance_id: instance_id.to_string(),
         start_reply,
+        start_paused,
     });
     vmm.run(console_in, context)
 }

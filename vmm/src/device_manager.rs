@@ -34,6 +34,9 @@ pub enum DeviceError {
     /// A queue notification could not be connected (ioeventfd).
     #[error("cannot connect the queue notifications of {0}")]
     Ioeventfd(&'static str, #[source] kvm_ioctls::Error),
+    /// A snapshot's device state is invalid.
+    #[error("invalid device state in the snapshot: {0}")]
+    State(String),
     /// The device's queues could not be created.
     #[error("cannot create the queues of {0}")]
     Queue(&'static str, #[source] devices::virtio::QueueError),
@@ -71,6 +74,8 @@ pub struct DeviceManager {
     pub reset_evt: EventFd,
     /// The i8042 (for the host's Ctrl-Alt-Del).
     pub i8042: Arc<Mutex<I8042>>,
+    /// The CMOS RTC.
+    pub cmos: Arc<Mutex<Cmos>>,
     /// Handles on the block devices, by disk ID, to change them while the VM runs.
     pub block_controls: Vec<(String, devices::virtio::block::BlockControl)>,
     /// Handles on the network devices, in configuration order.
@@ -97,17 +102,28 @@ impl DeviceManager {
         start: Instant,
         console: Box<dyn Write + Send>,
     ) -> Result<Self, DeviceError> {
+        Self::with_state(vm, start, console, None)
+    }
+
+    /// Like [`DeviceManager::new`], the devices taking a snapshot's state when given.
+    pub fn with_state(
+        vm: &VmFd,
+        start: Instant,
+        console: Box<dyn Write + Send>,
+        legacy: Option<&crate::snapshot::state::LegacyState>,
+    ) -> Result<Self, DeviceError> {
         let mut pio_bus = Bus::new();
 
         let serial_irq = eventfd("COM1")?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| DeviceError::Irqfd("COM1", e))?;
         let serial_input_room_evt = eventfd("COM1 input")?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            console,
-            clone_evt(&serial_input_room_evt, "COM1 input")?,
-        )));
+        let room = clone_evt(&serial_input_room_evt, "COM1 input")?;
+        let serial = Arc::new(Mutex::new(match legacy {
+            Some(state) => SerialDevice::from_state(&state.serial, serial_irq, console, room)
+                .map_err(|e| DeviceError::State(e.to_string()))?,
+            None => SerialDevice::new(serial_irq, console, room),
+        }));
         pio_bus
             .insert(serial.clone(), u64::from(COM1_PORT), 8)
             .map_err(|e| DeviceError::Bus("COM1", e))?;
@@ -116,16 +132,20 @@ impl DeviceManager {
         let kbd_irq = eventfd("i8042")?;
         vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)
             .map_err(|e| DeviceError::Irqfd("i8042", e))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            clone_evt(&reset_evt, "i8042 reset")?,
-            kbd_irq,
-        )));
+        let mut kbd = I8042::new(clone_evt(&reset_evt, "i8042 reset")?, kbd_irq);
+        let mut cmos = Cmos::new();
+        if let Some(state) = legacy {
+            kbd.restore(&state.i8042).map_err(DeviceError::State)?;
+            cmos.restore(&state.cmos).map_err(DeviceError::State)?;
+        }
+        let i8042 = Arc::new(Mutex::new(kbd));
+        let cmos = Arc::new(Mutex::new(cmos));
         pio_bus
             .insert(i8042.clone(), u64::from(I8042_PORT), 5)
             .map_err(|e| DeviceError::Bus("i8042", e))?;
 
         pio_bus
-            .insert(Arc::new(Mutex::new(Cmos::new())), u64::from(CMOS_PORT), 2)
+            .insert(cmos.clone(), u64::from(CMOS_PORT), 2)
             .map_err(|e| DeviceError::Bus("CMOS RTC", e))?;
         let boot_timer = BootTimer::new(start);
         let boot_time_us = boot_timer.boot_time_us();
@@ -144,6 +164,7 @@ impl DeviceManager {
             serial_input_room_evt,
             reset_evt,
             i8042,
+            cmos,
             block_controls: Vec::new(),
             net_controls: Vec::new(),
             virtio_devices: Vec::new(),

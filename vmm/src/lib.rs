@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod resources;
 pub mod rpc;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 mod vmm;
 

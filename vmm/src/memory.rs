@@ -31,13 +31,22 @@ pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemoryMmap, MemoryE
     GuestMemoryMmap::from_ranges(&regions).map_err(MemoryError::Allocate)
 }
 
-/// Registers every region of `mem` with the VM as a KVM memory slot.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Registers every region of `mem` with the VM as a KVM memory slot (slot N is region N);
+/// with `track_dirty`, KVM logs the pages the guest writes (for diff snapshots).
+pub fn register_with_kvm(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    track_dirty: bool,
+) -> Result<(), MemoryError> {
     for (index, region) in mem.iter().enumerate() {
         let slot = u32::try_from(index).expect("a guest has at most a handful of memory regions");
         let kvm_region = kvm_bindings::kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,

@@ -544,6 +544,8 @@ fn validate_machine(m: &MachineConfig) -> Result<(), ResourceError> {
             ),
         ));
     }
+    arch::memory::guest_memory_regions(m.mem_size_mib << 20)
+        .map_err(|e| invalid("mem_size_mib", e.to_string()))?;
     if let Some(t) = m.cpu_template.as_deref() {
         if t != "None" {
             return Err(invalid(
@@ -556,6 +558,101 @@ fn validate_machine(m: &MachineConfig) -> Result<(), ResourceError> {
         return Err(ResourceError::Unsupported("huge_pages other than None"));
     }
     Ok(())
+}
+
+/// Snapshot type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages dirtied since the last snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the state goes.
+    pub snapshot_path: PathBuf,
+    /// Where guest memory goes.
+    pub mem_file_path: PathBuf,
+}
+
+/// How guest memory is provided on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    /// A private mapping of the memory file.
+    File,
+    /// A userfaultfd page-fault handler process.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file, or the handler's socket.
+    pub backend_path: PathBuf,
+}
+
+/// A tap replacing an interface's on load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// The new tap.
+    pub host_dev_name: String,
+}
+
+/// A vsock socket path replacing the saved one on load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new path.
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file (deprecated in favour of `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<PathBuf>,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Track dirty pages for diff snapshots (deprecated name).
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    /// Track dirty pages for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Run the VM once loaded (else it stays paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Taps replacing the saved ones.
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// A vsock path replacing the saved one.
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's realtime clock by the time the VM was stopped.
+    #[serde(default)]
+    pub clock_realtime: bool,
+    /// Huge pages for the restored memory.
+    #[serde(default)]
+    pub huge_pages: Option<HugePages>,
 }
 
 /// Everything configured so far, before the VM starts.
@@ -628,6 +725,24 @@ impl VmResources {
         res.logger = full.logger;
         res.metrics = full.metrics;
         Ok(res)
+    }
+
+    /// The resources of a VM restored from a snapshot, as saved: nothing is re-checked (the
+    /// kernel that booted it need not exist here).
+    pub fn from_saved(full: FullVmConfiguration) -> Self {
+        Self {
+            boot_source: full.boot_source,
+            machine: full.machine_config.unwrap_or_default(),
+            cpu_config: full.cpu_config,
+            drives: full.drives,
+            nets: full.network_interfaces,
+            vsock: full.vsock,
+            entropy: full.entropy,
+            logger: full.logger,
+            metrics: full.metrics,
+            kvm_device: None,
+            seccomp_level: crate::seccomp::SeccompLevel::default(),
+        }
     }
 
     /// `GET /vm/config`.
@@ -934,6 +1049,7 @@ impl VmResources {
             seccomp_level: self.seccomp_level,
             // The controller opens the metrics output itself (PUT /metrics comes before boot).
             metrics_path: None,
+            track_dirty_pages: self.machine.track_dirty_pages,
         };
         config.validate()?;
         Ok(config)

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::resources::{
     BootSource, Drive, EntropyDevice, FullVmConfiguration, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
-    ResourceError, Vsock,
+    ResourceError, SnapshotCreateParams, SnapshotLoadParams, Vsock,
 };
 
 /// What a client asks the VMM to do.
@@ -59,6 +59,10 @@ pub enum VmmAction {
     Resume,
     /// `GET /metrics/prometheus` (Anvil extension).
     GetPrometheusMetrics,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// The VM's state as Firecracker reports it.

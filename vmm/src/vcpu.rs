@@ -88,7 +88,7 @@ pub enum VcpuStop {
 }
 
 /// What a vCPU reports to the event loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuEvent {
     /// The vCPU stopped.
     Stopped {
@@ -115,6 +115,13 @@ pub enum VcpuEvent {
         /// vCPU index.
         id: u8,
     },
+    /// Answer to [`VcpuRequest::SaveState`].
+    Saved {
+        /// vCPU index.
+        id: u8,
+        /// The state, or why it could not be read.
+        state: Box<Result<crate::snapshot::VcpuState, String>>,
+    },
 }
 
 /// What the event loop asks a vCPU.
@@ -126,6 +133,8 @@ pub enum VcpuRequest {
     Pause,
     /// Run the guest again.
     Resume,
+    /// Report the vCPU's state (only while paused).
+    SaveState,
 }
 
 /// A vCPU and what it needs to run.
@@ -142,6 +151,8 @@ pub struct Vcpu {
     /// Guest accesses no device claimed.
     unclaimed_count: u64,
     metrics: Arc<VcpuMetrics>,
+    /// The MSRs KVM saves, for snapshots.
+    msr_list: std::sync::Arc<Vec<u32>>,
 }
 
 /// The event loop's handle on a running vCPU thread.
@@ -195,12 +206,25 @@ impl Vcpu {
             start,
             unclaimed_count: 0,
             metrics: Arc::default(),
+            msr_list: std::sync::Arc::new(Vec::new()),
         }
     }
 
     /// Counts this vCPU's exits in `metrics` (registered with the VM's metrics registry).
     pub fn set_metrics(&mut self, metrics: Arc<VcpuMetrics>) {
         self.metrics = metrics;
+    }
+
+    /// Sets the MSRs saved in snapshots.
+    pub fn set_msr_list(&mut self, list: std::sync::Arc<Vec<u32>>) {
+        self.msr_list = list;
+    }
+
+    /// Loads a snapshot's state into this (not yet started) vCPU.
+    pub fn restore(&self, state: &crate::snapshot::VcpuState) -> Result<(), String> {
+        state
+            .restore(&self.fd)
+            .map_err(|e| crate::controller::error_chain(&e))
     }
 
     /// Starts the vCPU thread. The thread installs `filters` first and reports the outcome on
@@ -390,6 +414,10 @@ impl Vcpu {
             // Already running: acknowledge so the caller's count is right.
             VcpuRequest::Resume => self.report(VcpuEvent::Resumed { id: self.id }),
             VcpuRequest::Pause => self.report(VcpuEvent::Paused { id: self.id }),
+            VcpuRequest::SaveState => self.report(VcpuEvent::Saved {
+                id: self.id,
+                state: Box::new(Err("the vCPU is running: pause it first".into())),
+            }),
         }
     }
 
@@ -408,6 +436,14 @@ impl Vcpu {
                     id: self.id,
                     idle_forever: false,
                 }),
+                Ok(VcpuRequest::SaveState) => {
+                    let state = crate::snapshot::VcpuState::save(&self.fd, &self.msr_list)
+                        .map_err(|e| crate::controller::error_chain(&e));
+                    self.report(VcpuEvent::Saved {
+                        id: self.id,
+                        state: Box::new(state),
+                    });
+                }
                 // The VMM is gone: nothing will resume this vCPU.
                 Err(_) => return,
             }

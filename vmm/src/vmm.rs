@@ -29,9 +29,14 @@ use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
 use crate::metrics::{MetricsError, MetricsWriter, Registry, PERIODIC_FLUSH};
-use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
+use crate::resources::{
+    check_rate_limiter, PartialDrive, PartialNetworkInterface, SnapshotCreateParams, SnapshotType,
+    VmResources,
+};
 use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
 use crate::seccomp::{self, SeccompError, SeccompLevel, ThreadKind};
+use crate::snapshot::state::LegacyState;
+use crate::snapshot::{MicrovmState, VcpuState, VmState as KvmVmState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
 /// How often the event loop checks that the guest can still make progress.
@@ -136,8 +141,16 @@ pub struct ApiContext {
     pub resources: VmResources,
     /// The instance ID (`GET /`).
     pub instance_id: String,
-    /// The `InstanceStart` request, answered once the vCPUs run.
+    /// The `InstanceStart` (or snapshot load) request, answered once the vCPUs run.
     pub start_reply: Option<Sender<ActionResult>>,
+    /// Start with the vCPUs paused (a snapshot loaded without `resume_vm`).
+    pub start_paused: bool,
+}
+
+/// The VM-wide KVM objects the event loop needs for snapshots.
+struct Machine<'a> {
+    vm: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
 }
 
 /// How a VM's run ended.
@@ -189,6 +202,7 @@ pub struct PrepareKey {
     kvm_device: PathBuf,
     mem_size_mib: u64,
     vcpu_count: u8,
+    track_dirty_pages: bool,
 }
 
 impl PrepareKey {
@@ -197,6 +211,7 @@ impl PrepareKey {
             kvm_device: config.kvm_device.clone(),
             mem_size_mib: config.mem_size_mib,
             vcpu_count: config.vcpu_count,
+            track_dirty_pages: config.track_dirty_pages,
         }
     }
 }
@@ -339,7 +354,9 @@ impl PreparedVm {
         let loaded = std::thread::scope(|scope| {
             // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
             // waits for an SRCU grace period): load the kernel meanwhile.
-            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let slots = scope.spawn(|| {
+                crate::memory::register_with_kvm(&vm, &guest_memory, config.track_dirty_pages)
+            });
             let loaded = if config.kernel.as_os_str().is_empty() {
                 Ok(None)
             } else {
@@ -569,6 +586,9 @@ impl Vmm {
             .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
         let mut vcpus = Vec::new();
         let mut vcpu_requests = Vec::new();
+        // What snapshots save per vCPU; an empty list only disables snapshots.
+        let msr_list =
+            std::sync::Arc::new(crate::snapshot::state::msr_list(kvm).unwrap_or_default());
         for id in 0..config.vcpu_count {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -606,6 +626,7 @@ impl Vmm {
                 start,
             );
             vcpu.set_metrics(metrics.add_vcpu());
+            vcpu.set_msr_list(msr_list.clone());
             vcpus.push(vcpu);
             vcpu_requests.push(req_tx);
         }
@@ -619,6 +640,125 @@ impl Vmm {
             protocol: kernel.protocol,
             metrics,
         })
+    }
+
+    /// Builds a VM from a snapshot: a new KVM VM whose memory is a private mapping of
+    /// `mem_file`, with the saved vCPU, VM and device state. Refused when this host lacks a
+    /// CPU feature the guest was given.
+    pub fn restore(
+        state: &MicrovmState,
+        mem_file: &std::path::Path,
+        kvm_device: &std::path::Path,
+        track_dirty_pages: bool,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        let kvm = crate::kvm::open(kvm_device)?;
+        let snapshot_error =
+            |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
+        if usize::from(state.vcpu_count) > kvm.get_max_vcpus() {
+            return Err(VmmError::TooManyVcpus {
+                count: state.vcpu_count,
+                max: kvm.get_max_vcpus(),
+            });
+        }
+        for vcpu in &state.vcpus {
+            crate::snapshot::state::check_cpu_features(&kvm, vcpu).map_err(snapshot_error)?;
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+        let guest_memory = crate::snapshot::map_memory(mem_file, &state.memory)
+            .map_err(|e| snapshot_error(error_chain(&e)))?;
+        crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
+        let devices =
+            DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
+        let msr_list = std::sync::Arc::new(
+            crate::snapshot::state::msr_list(&kvm).map_err(|e| snapshot_error(error_chain(&e)))?,
+        );
+        let mut metrics = Registry::default();
+        metrics.set_legacy(
+            devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices.boot_time_us.clone(),
+        );
+        let (events_tx, vcpu_events) = channel();
+        let vcpu_events_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::EventLoop("create the vCPU event fd", e))?;
+        let mut vcpus = Vec::new();
+        let mut vcpu_requests = Vec::new();
+        for (id, saved) in (0..state.vcpu_count).zip(&state.vcpus) {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(vcpu_error(id, "create"))?;
+            let (req_tx, req_rx) = channel();
+            let evt = vcpu_events_evt
+                .try_clone()
+                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
+            let mut vcpu = Vcpu::new(
+                id,
+                fd,
+                devices.pio_bus.clone(),
+                devices.mmio_bus.clone(),
+                events_tx.clone(),
+                evt,
+                req_rx,
+                start,
+            );
+            vcpu.set_msr_list(msr_list.clone());
+            vcpu.set_metrics(metrics.add_vcpu());
+            vcpu.restore(saved)
+                .map_err(|why| snapshot_error(format!("vCPU {id}: {why}")))?;
+            vcpus.push(vcpu);
+            vcpu_requests.push(req_tx);
+        }
+        state
+            .vm
+            .restore(&vm)
+            .map_err(|e| snapshot_error(error_chain(&e)))?;
+        tracing::info!(
+            vcpus = state.vcpu_count,
+            mib = state.mem_size_mib,
+            "snapshot loaded"
+        );
+        Ok(Self {
+            _kvm: kvm,
+            _vm: vm,
+            _guest_memory: guest_memory,
+            devices,
+            vcpus,
+            vcpu_requests,
+            vcpu_events,
+            vcpu_events_evt,
+            protocol: BootProtocol::Linux64,
+            seccomp_level: SeccompLevel::default(),
+            metrics,
+            metrics_writer: None,
+        })
+    }
+
+    /// Sets how strictly seccomp filters this VM's threads (for a VM restored from a
+    /// snapshot, which the configuration did not build).
+    pub fn set_seccomp_level(&mut self, level: SeccompLevel) {
+        self.seccomp_level = level;
     }
 
     /// The boot protocol the kernel is entered with.
@@ -646,9 +786,14 @@ impl Vmm {
         // Every vCPU thread installs its filter and waits; this thread installs its own; only
         // then does any vCPU enter the guest.
         let (ready_tx, ready_rx) = channel();
+        let start_paused = api.as_ref().is_some_and(|a| a.start_paused);
         let mut handles = Vec::new();
         let mut go = Vec::new();
         for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
+            if start_paused {
+                // Queued before the thread starts: it pauses before its first KVM_RUN.
+                let _ = requests.send(VcpuRequest::Pause);
+            }
             let (go_tx, go_rx) = channel();
             handles.push(vcpu.start(requests, vcpu_filters.clone(), ready_tx.clone(), go_rx)?);
             go.push(go_tx);
@@ -685,7 +830,12 @@ impl Vmm {
         if let Some(reply) = event_loop.api.as_mut().and_then(|a| a.start_reply.take()) {
             let _ = reply.send(Ok(VmmData::Empty));
         }
-        let outcome = event_loop.run(&self.devices, &self.vcpu_events, &handles);
+        event_loop.paused = start_paused;
+        let machine = Machine {
+            vm: &self._vm,
+            mem: &self._guest_memory,
+        };
+        let outcome = event_loop.run(&self.devices, &self.vcpu_events, &handles, &machine);
         // A last line, as Firecracker writes at exit.
         event_loop.flush_metrics();
         outcome
@@ -825,6 +975,7 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) -> Result<VmOutcome, VmmError> {
         let mut events = vec![EpollEvent::default(); 8];
         let mut next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
@@ -857,7 +1008,7 @@ impl EventLoop {
                     }
                     TOKEN_STDIN => self.read_stdin(devices)?,
                     TOKEN_API => {
-                        self.serve_api(devices, vcpu_events, vcpus);
+                        self.serve_api(devices, vcpu_events, vcpus, machine);
                         if let Some(outcome) = self.outcome.take() {
                             return Ok(outcome);
                         }
@@ -895,12 +1046,13 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) {
         let Some(requests) = self.api.as_ref().map(|a| a.receiver.drain()) else {
             return;
         };
         for request in requests {
-            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus);
+            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus, machine);
             let _ = request.reply.send(answer);
         }
     }
@@ -912,6 +1064,7 @@ impl EventLoop {
         devices: &DeviceManager,
         vcpu_events: &Receiver<VcpuEvent>,
         vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
     ) -> ActionResult {
         let state = if self.paused {
             VmState::Paused
@@ -969,6 +1122,11 @@ impl EventLoop {
             VmmAction::InstanceStart => Err(ActionError::State(
                 "InstanceStart: the microVM is already running".into(),
             )),
+            VmmAction::CreateSnapshot(params) => {
+                self.create_snapshot(&params, devices, vcpu_events, vcpus, machine)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::LoadSnapshot(_) => Err(ActionError::PreBootOnly("PUT /snapshot/load")),
             VmmAction::PutMachineConfig(_) | VmmAction::PatchMachineConfig(_) => Err(
                 ActionError::PreBootOnly("changing the machine configuration"),
             ),
@@ -980,6 +1138,118 @@ impl EventLoop {
             VmmAction::PutEntropy(_) => Err(ActionError::PreBootOnly("PUT /entropy")),
             VmmAction::PutLogger(_) => Err(ActionError::PreBootOnly("PUT /logger")),
         }
+    }
+
+    /// `PUT /snapshot/create`: the state and memory files of the paused VM.
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+    ) -> Result<(), ActionError> {
+        if !self.paused {
+            return Err(ActionError::State(
+                "the microVM must be paused to take a snapshot (PATCH /vm Paused)".into(),
+            ));
+        }
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        if params.snapshot_type == SnapshotType::Diff && !tracking {
+            return Err(ActionError::State(
+                "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
+                 configuration (or enable_diff_snapshots when loading)"
+                    .into(),
+            ));
+        }
+        if !devices.virtio_devices.is_empty() {
+            return Err(ActionError::Failed(
+                "snapshots of microVMs with virtio devices are not supported yet".into(),
+            ));
+        }
+        let api = self.api.as_ref().ok_or(ActionError::VmmGone)?;
+        let resources = api.resources.clone();
+        let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
+        for vcpu in vcpus {
+            vcpu.request(VcpuRequest::SaveState);
+        }
+        let mut states: Vec<Option<VcpuState>> = (0..vcpus.len()).map(|_| None).collect();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while states.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = vcpu_events.recv_timeout(left).map_err(|_| {
+                ActionError::Failed("not every vCPU reported its state in time".into())
+            })?;
+            match event {
+                VcpuEvent::Saved { id, state } => {
+                    let state = (*state).map_err(|why| {
+                        ActionError::Failed(format!("cannot save vCPU {id}: {why}"))
+                    })?;
+                    if let Some(slot) = states.get_mut(usize::from(id)) {
+                        *slot = Some(state);
+                    }
+                }
+                other => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        let legacy = LegacyState {
+            serial: devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            i8042: devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+            cmos: devices
+                .cmos
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state(),
+        };
+        let state = MicrovmState {
+            vmm_version: crate::controller::VMM_VERSION.to_string(),
+            cpu_model: crate::snapshot::state::host_cpu_model(),
+            vcpu_count: u8::try_from(vcpus.len()).unwrap_or(u8::MAX),
+            mem_size_mib: resources.machine.mem_size_mib,
+            memory: crate::snapshot::memory_layout(resources.machine.mem_size_mib)
+                .map_err(|e| failed(&e))?,
+            vm: KvmVmState::save(machine.vm).map_err(|e| failed(&e))?,
+            vcpus: states.into_iter().flatten().collect(),
+            legacy,
+            config_json: serde_json::to_string(&resources.full_config())
+                .map_err(|e| ActionError::Failed(e.to_string()))?,
+        };
+        if params.snapshot_type == SnapshotType::Diff {
+            let bytes =
+                crate::snapshot::write_dirty_memory(&params.mem_file_path, machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            tracing::info!(bytes, "diff snapshot: dirty pages written");
+        } else {
+            crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
+                .map_err(|e| failed(&e))?;
+            if tracking {
+                crate::snapshot::clear_dirty_log(machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            }
+        }
+        crate::snapshot::write_state(&params.snapshot_path, &state).map_err(|e| failed(&e))?;
+        tracing::info!(
+            state = %params.snapshot_path.display(),
+            memory = %params.mem_file_path.display(),
+            "snapshot written"
+        );
+        Ok(())
     }
 
     /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.
@@ -1108,7 +1378,7 @@ impl EventLoop {
 
     fn on_vcpu_event(&mut self, event: VcpuEvent, vcpu_count: usize) -> Option<VmOutcome> {
         match event {
-            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } => None,
+            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } | VcpuEvent::Saved { .. } => None,
             VcpuEvent::Stopped { id, reason } => Some(match reason {
                 VcpuStop::GuestReset => VmOutcome::Reset,
                 VcpuStop::TripleFault => {

@@ -82,6 +82,36 @@ pub struct Cmos {
     clock: fn() -> u64,
 }
 
+/// The CMOS index register and NVRAM, for snapshots (the clock is the host's).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// Selected register.
+    pub index: u8,
+    /// The 128 bytes of NVRAM.
+    pub nvram: Vec<u8>,
+}
+
+impl Cmos {
+    /// The index register and NVRAM.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            nvram: self.nvram.to_vec(),
+        }
+    }
+
+    /// Takes a snapshot's index register and NVRAM (exactly 128 bytes).
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), String> {
+        self.nvram = state
+            .nvram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("CMOS NVRAM of {} bytes (expected 128)", state.nvram.len()))?;
+        self.index = state.index & 0x7f;
+        Ok(())
+    }
+}
+
 fn host_unix_time() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

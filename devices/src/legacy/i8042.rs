@@ -75,7 +75,49 @@ pub struct I8042 {
     metrics: Arc<I8042Metrics>,
 }
 
+/// The controller's registers and output buffer, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// A command waiting for its data byte.
+    pub pending: Option<u8>,
+    /// Bytes the guest has not read.
+    pub output: Vec<u8>,
+}
+
 impl I8042 {
+    /// The registers and buffer.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output_port: self.output_port,
+            pending: self.pending,
+            output: self.output.iter().copied().collect(),
+        }
+    }
+
+    /// Takes the registers and buffer of a snapshot (at most the buffer's capacity).
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
+        if state.output.len() > OUTPUT_CAPACITY {
+            return Err(format!(
+                "i8042 output buffer of {} bytes (at most {OUTPUT_CAPACITY})",
+                state.output.len()
+            ));
+        }
+        self.status = state.status;
+        self.control = state.control;
+        self.output_port = state.output_port;
+        self.pending = state.pending;
+        self.output = state.output.iter().copied().collect();
+        Ok(())
+    }
+
     /// A controller that signals `reset_evt` when the guest asks for a CPU reset and raises
     /// `kbd_irq` (an irqfd for IRQ 1) when keyboard data is ready.
     pub fn new(reset_evt: EventFd, kbd_irq: EventFd) -> Self {

@@ -7,9 +7,9 @@ mod i8042;
 mod serial;
 
 pub use boot_timer::{monotonic_us, BootTimer};
-pub use cmos::Cmos;
-pub use i8042::I8042;
-pub use serial::{SerialDevice, SerialError, SerialMetrics};
+pub use cmos::{Cmos, CmosState};
+pub use i8042::{I8042State, I8042};
+pub use serial::{SerialDevice, SerialError, SerialMetrics, SerialSnapshot};
 
 use vmm_sys_util::eventfd::EventFd;
 

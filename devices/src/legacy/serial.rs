@@ -17,6 +17,9 @@ pub enum SerialError {
     /// Raising the interrupt after queueing input failed.
     #[error("cannot queue serial input")]
     Enqueue(#[source] vm_superio::serial::Error<std::io::Error>),
+    /// A snapshot's serial state is invalid.
+    #[error("invalid serial state: {0}")]
+    Restore(String),
 }
 
 pub use crate::metrics::SerialMetrics;
@@ -47,6 +50,31 @@ impl SerialEvents for Events {
     }
 }
 
+/// The UART's registers and receive FIFO, for snapshots (vm-superio's `SerialState`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
 /// A 16550 UART on the bus.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, Events, Box<dyn Write + Send>>,
@@ -73,6 +101,53 @@ impl SerialDevice {
         Self {
             serial: Serial::with_events(EventFdTrigger::new(interrupt), events, out),
             metrics,
+        }
+    }
+
+    /// Like [`SerialDevice::new`], with the registers and FIFO of a snapshot; refused when
+    /// the FIFO holds more than the UART's 64 bytes.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        input_room_evt: EventFd,
+    ) -> Result<Self, SerialError> {
+        let metrics = Arc::new(SerialMetrics::default());
+        let events = Events {
+            metrics: metrics.clone(),
+            input_room_evt,
+        };
+        let inner = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&inner, EventFdTrigger::new(interrupt), events, out)
+            .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(Self { serial, metrics })
+    }
+
+    /// The registers and FIFO.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

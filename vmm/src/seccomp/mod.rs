@@ -391,13 +391,35 @@ const FCNTL_CMDS: [u64; 5] = [
     libc::F_SETFL as u64,
 ];
 
+/// The KVM ioctls the filters name (numbers as kvm-ioctls declares them).
 mod ioctls {
-    use kvm_bindings::{kvm_mp_state, kvm_regs, KVMIO};
-    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+    use kvm_bindings::{
+        kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave, KVMIO,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    // vCPU state for snapshots, read on the vCPU thread.
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
+    // VM state for snapshots, read on the main thread.
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 }
 
 /// What every thread does: memory, locks, signals, time, logging, thread exit.
@@ -514,32 +536,52 @@ fn vcpu(rules: &mut Rules) {
         ioctls::KVM_RUN(),
         ioctls::KVM_GET_REGS(),
         ioctls::KVM_GET_MP_STATE(),
+        ioctls::KVM_GET_SREGS(),
+        ioctls::KVM_GET_MSRS(),
+        ioctls::KVM_GET_CPUID2(),
+        ioctls::KVM_GET_LAPIC(),
+        ioctls::KVM_GET_VCPU_EVENTS(),
+        ioctls::KVM_GET_DEBUGREGS(),
+        ioctls::KVM_GET_TSC_KHZ(),
+        ioctls::KVM_GET_XSAVE(),
+        ioctls::KVM_GET_XCRS(),
+        ioctls::KVM_GET_XSAVE2(),
+        ioctls::KVM_KVMCLOCK_CTRL(),
         libc::TUNSETOFFLOAD,
     ]);
 }
 
 /// The main thread once the VM runs: its epoll loop, vCPU kicks, stdin, the terminal mode
 /// restored at exit, the vsock socket removed at exit, the metrics timer, and the API actions
-/// on a running VM (`PATCH /drives` opens the new backing file, existing files only).
+/// on a running VM: `PATCH /drives` opens the new backing file, a snapshot creates its files
+/// and reads the VM's state (irqchip, PIT, clock, dirty log).
 fn vmm(rules: &mut Rules) {
     common(rules);
     epoll(rules);
     rules.allow(&[
+        libc::SYS_openat,
         libc::SYS_unlink,
         libc::SYS_unlinkat,
         libc::SYS_timerfd_settime,
         libc::SYS_timerfd_gettime,
         libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_ftruncate,
+        libc::SYS_pwrite64,
         libc::SYS_lseek,
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_statx,
     ]);
-    rules.allow_if(
-        libc::SYS_openat,
-        vec![rule(vec![arg_masked(2, libc::O_CREAT as u64, 0)])],
-    );
-    rules.allow_ioctls(&[libc::TCGETS, libc::TCSETS, libc::FIONBIO]);
+    rules.allow_ioctls(&[
+        libc::TCGETS,
+        libc::TCSETS,
+        libc::FIONBIO,
+        ioctls::KVM_GET_CLOCK(),
+        ioctls::KVM_GET_DIRTY_LOG(),
+        ioctls::KVM_GET_IRQCHIP(),
+        ioctls::KVM_GET_PIT2(),
+    ]);
 }
 
 /// The API thread: tokio's current-thread runtime (mio over epoll, an eventfd waker) serving

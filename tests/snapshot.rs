@@ -1,0 +1,381 @@
+//! Snapshots through the API with the test guest: pause, snapshot, kill the VMM, load in a
+//! new process, resume; the guest continues where it stopped with its memory intact. Clones
+//! from one snapshot run side by side, and damaged snapshot files are refused clearly.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::path::Path;
+
+use api_server::client::Client;
+use common::api_vmm::ApiVmm;
+use common::{kvm_available, testguest, TempDir};
+
+fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
+    let r = c.request(method, path, Some(&body.to_string())).unwrap();
+    assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+}
+
+/// Boots the test guest over the API with `cmdline`, waits for `ready` on its console.
+fn boot(dir: &TempDir, name: &str, cmdline: &str, ready: &str) -> (ApiVmm, Client) {
+    let sock = dir.path(&format!("{name}.sock"));
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 2, "mem_size_mib": 64}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": format!("console=ttyS0 {cmdline}")}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for(ready, |out| out.contains(ready));
+    (vmm, c)
+}
+
+/// Pauses the VM and writes `state` and `mem`.
+fn snapshot(c: &mut Client, state: &Path, mem: &Path) {
+    ok(c, "PATCH", "/vm", serde_json::json!({"state": "Paused"}));
+    ok(
+        c,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem}),
+    );
+}
+
+/// A fresh VMM that loads the snapshot and resumes it.
+fn load(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (ApiVmm, Client) {
+    let sock = dir.path(&format!("{name}.sock"));
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        }),
+    );
+    (vmm, c)
+}
+
+fn counts(vmm: &ApiVmm) -> Vec<u64> {
+    common::tg_lines(&vmm.console())
+        .into_iter()
+        .filter(|(k, _)| k == "count")
+        .filter_map(|(_, v)| v.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_restored_guest_continues_where_it_stopped() {
+    if !kvm_available("a_restored_guest_continues_where_it_stopped") {
+        return;
+    }
+    let dir = TempDir::new("snap-counter");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (vmm, mut c) = boot(
+        &dir,
+        "source",
+        "tg.run=counter tg.period_ms=20",
+        "TG count=10",
+    );
+    // A running VM cannot be snapshotted.
+    let r = c
+        .request(
+            "PUT",
+            "/snapshot/create",
+            Some(&serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("paused"), "{r:?}");
+    snapshot(&mut c, &state, &mem);
+    let last = *counts(&vmm).last().unwrap();
+    drop(vmm);
+
+    // The memory file is sparse: a 64 MiB guest that touched little holds little.
+    let meta = std::fs::metadata(&mem).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(allocated < 16 << 20, "memory file uses {allocated} bytes");
+
+    let (restored, mut c2) = load(&dir, "restored", &state, &mem);
+    restored.wait_for("the counter after the restore", |_| {
+        counts(&restored).len() >= 5
+    });
+    let after = counts(&restored);
+    assert_eq!(
+        after[0],
+        last + 1,
+        "the counter must continue from {last}, not restart: {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+    let info = c2.request("GET", "/", None).unwrap().json();
+    assert_eq!(info["state"], "Running");
+    let config = c2.request("GET", "/vm/config", None).unwrap().json();
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+}
+
+#[test]
+fn memory_survives_a_snapshot_and_clones_run_side_by_side() {
+    if !kvm_available("memory_survives_a_snapshot_and_clones_run_side_by_side") {
+        return;
+    }
+    let dir = TempDir::new("snap-memtest");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    // 20 rounds of 64 dirtied pages at 640 pages/s: about 2 s, snapshotted after round 5.
+    let (vmm, mut c) = boot(
+        &dir,
+        "source",
+        "tg.run=memtest tg.rounds=20 tg.dirty_pages=64 tg.dirty_rate=640 tg.mem_limit_mib=24",
+        "TG round=5 ",
+    );
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+    let a = load(&dir, "clone-a", &state, &mem);
+    let b = load(&dir, "clone-b", &state, &mem);
+    for (mut clone, _) in [a, b] {
+        assert_eq!(
+            clone.wait_exit_within(std::time::Duration::from_secs(90)),
+            0,
+            "{}",
+            clone.output()
+        );
+        let out = clone.console();
+        assert!(out.contains("TG round=20 "), "{out}");
+        assert!(
+            out.contains("TG verify=ok"),
+            "the restored memory must verify\n{out}"
+        );
+        assert!(
+            !out.contains("TG round=1 "),
+            "the clone must not restart\n{out}"
+        );
+    }
+}
+
+#[test]
+fn damaged_snapshot_files_are_refused_clearly() {
+    if !kvm_available("damaged_snapshot_files_are_refused_clearly") {
+        return;
+    }
+    let dir = TempDir::new("snap-bad");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (vmm, mut c) = boot(
+        &dir,
+        "source",
+        "tg.run=counter tg.period_ms=20",
+        "TG count=3",
+    );
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+    let good = std::fs::read(&state).unwrap();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x55;
+    let mut version = good.clone();
+    version[8] = 99;
+    let mut huge = good.clone();
+    huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("corrupted", flipped, "checksum"),
+        ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+        ("version", version, "version 99"),
+        (
+            "magic",
+            b"not a snapshot at all, just text".to_vec(),
+            "not an anvil snapshot",
+        ),
+        ("length", huge, "larger than the limit"),
+        ("empty", Vec::new(), "truncated"),
+    ];
+    let sock = dir.path("target.sock");
+    let target = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = target.client();
+    for (name, bytes, needle) in cases {
+        let path = dir.path(&format!("{name}.snap"));
+        std::fs::write(&path, bytes).unwrap();
+        let r = c
+            .request(
+                "PUT",
+                "/snapshot/load",
+                Some(
+                    &serde_json::json!({"snapshot_path": path, "mem_backend": {"backend_type": "File", "backend_path": mem}})
+                        .to_string(),
+                ),
+            )
+            .unwrap();
+        assert_eq!(r.status, 400, "{name}: {r:?}");
+        let message = r.json()["fault_message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{name}: {message}");
+        assert_eq!(
+            c.request("GET", "/", None).unwrap().json()["state"],
+            "Not started",
+            "{name}"
+        );
+    }
+    // A memory file too short for the state.
+    let short = dir.path("short.mem");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let r = c
+        .request(
+            "PUT",
+            "/snapshot/load",
+            Some(&serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": short}}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("the snapshot needs"), "{r:?}");
+    // The good one still loads in this same VMM afterwards.
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+    );
+    target.wait_for("the counter", |_| !counts(&target).is_empty());
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).unwrap()) * 512
+}
+
+#[test]
+fn a_diff_snapshot_merged_onto_its_base_equals_a_full_one() {
+    if !kvm_available("a_diff_snapshot_merged_onto_its_base_equals_a_full_one") {
+        return;
+    }
+    let dir = TempDir::new("snap-diff");
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(),
+            "boot_args": "console=ttyS0 tg.run=memtest tg.rounds=40 tg.dirty_pages=16 tg.dirty_rate=320 tg.mem_limit_mib=24"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for("round 3", |out| out.contains("TG round=3 "));
+    let (base_state, base_mem) = (dir.path("base.snap"), dir.path("base.mem"));
+    snapshot(&mut c, &base_state, &base_mem);
+    ok(
+        &mut c,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Resumed"}),
+    );
+    vmm.wait_for("round 6", |out| out.contains("TG round=6 "));
+    ok(
+        &mut c,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    );
+    let (diff_state, diff_mem) = (dir.path("diff.snap"), dir.path("diff.mem"));
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": "Diff", "snapshot_path": diff_state, "mem_file_path": diff_mem}),
+    );
+    // A full snapshot of the very same moment, to compare with.
+    let (full_state, full_mem) = (dir.path("full.snap"), dir.path("full.mem"));
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        serde_json::json!({"snapshot_type": "Full", "snapshot_path": full_state, "mem_file_path": full_mem}),
+    );
+    drop(vmm);
+
+    // The diff holds a few rounds of dirtied pages, far less than the full file.
+    assert!(
+        allocated(&diff_mem) * 4 < allocated(&full_mem),
+        "diff {} bytes vs full {} bytes",
+        allocated(&diff_mem),
+        allocated(&full_mem)
+    );
+    let merged = dir.path("merged.mem");
+    std::fs::copy(&base_mem, &merged).unwrap();
+    let status = std::process::Command::new(common::anvil_vmm())
+        .args(["snapshot", "merge"])
+        .arg(&merged)
+        .arg(&diff_mem)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        std::fs::read(&merged).unwrap() == std::fs::read(&full_mem).unwrap(),
+        "base + diff must equal the full snapshot's memory"
+    );
+    // And it runs: the guest finishes its rounds and verifies all of memory.
+    let (mut restored, _c) = load(&dir, "restored", &diff_state, &merged);
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(90)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let out = restored.console();
+    assert!(out.contains("TG verify=ok"), "{out}");
+    assert!(!out.contains("TG round=1 "), "{out}");
+
+    // A diff without dirty page tracking is refused.
+    let sock = dir.path("plain.sock");
+    let plain = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = plain.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=counter"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    ok(
+        &mut c,
+        "PATCH",
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    );
+    let r = c
+        .request(
+            "PUT",
+            "/snapshot/create",
+            Some(&serde_json::json!({"snapshot_type": "Diff", "snapshot_path": dir.path("x.snap"), "mem_file_path": dir.path("x.mem")}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("track_dirty_pages"), "{r:?}");
+}
