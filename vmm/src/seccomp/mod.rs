@@ -6,7 +6,7 @@
 //! | --- | --- | --- |
 //! | `anvil-vmm` (main) | [`ThreadKind::Vmm`] | by [`crate::Vmm::run`] after the vCPU threads exist and before any of them enters the guest |
 //! | `anvil-vcpu{N}` | [`ThreadKind::Vcpu`] | by the vCPU thread itself, first thing; the guest runs only once every vCPU and the main thread are filtered |
-//! | `anvil-blk{N}`, `anvil-net{N}`, `anvil-vsock`, `anvil-rng` | [`ThreadKind::Worker`] (stacked on the vCPU filter it inherits) | by `devices::virtio` workers at their start ([`install_worker`]) |
+//! | `anvil-blk{N}`, `anvil-net{N}`, `anvil-vsock`, `anvil-rng` | [`ThreadKind::Worker`] (stacked on the vCPU filter it inherits) | by each worker at its start, through the hook set with `devices::virtio::set_worker_start_hook` |
 //! | `anvil-api` | [`ThreadKind::Api`] | by the API thread before it serves its first request ([`install`]) |
 //!
 //! Filters are inherited by threads created later and stack (a syscall must pass every filter
@@ -20,6 +20,7 @@
 //! request numbers per thread, `fcntl` commands, `socket` domains, `prctl` options, `tgkill`
 //! signals, `clone` flags (threads only; `clone3`, whose arguments live in memory a filter
 //! cannot read, answers ENOSYS so glibc falls back to `clone`), and no executable mappings.
+//! `openat` off the main thread also answers ENOSYS (glibc's malloc probes a /proc file).
 //!
 //! A forbidden syscall raises SIGSYS; [`install`] sets a handler that prints which thread kind
 //! made which syscall and how to debug it (`--no-seccomp`, `strace -f`), then kills the process
