@@ -379,3 +379,155 @@ fn a_diff_snapshot_merged_onto_its_base_equals_a_full_one() {
     assert_eq!(r.status, 400);
     assert!(r.body.contains("track_dirty_pages"), "{r:?}");
 }
+
+#[test]
+fn a_page_fault_handler_serves_the_restored_memory() {
+    if !kvm_available("a_page_fault_handler_serves_the_restored_memory") {
+        return;
+    }
+    let dir = TempDir::new("snap-uffd");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (vmm, mut c) = boot(
+        &dir,
+        "source",
+        "tg.run=memtest tg.rounds=12 tg.dirty_pages=64 tg.dirty_rate=640 tg.mem_limit_mib=24",
+        "TG round=4 ",
+    );
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+    let handler_sock = dir.path("uffd.sock");
+    let handler = std::process::Command::new(env!("CARGO_BIN_EXE_anvil-uffd-handler"))
+        .arg(&handler_sock)
+        .arg(&mem)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !handler_sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the handler never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sock = dir.path("restored.sock");
+    let mut restored = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = restored.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": handler_sock},
+            "resume_vm": true,
+        }),
+    );
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(90)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let out = restored.console();
+    assert!(
+        out.contains("TG round=12 ") && out.contains("TG verify=ok"),
+        "{out}"
+    );
+    assert!(!out.contains("TG round=1 "), "{out}");
+    // The handler saw the VMM go and reports the pages it filled.
+    let output = handler.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{text}");
+    let pages: u64 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        pages > 1000,
+        "the handler must have filled the tested memory: {text}"
+    );
+}
+
+#[test]
+fn a_disk_keeps_working_after_a_restore() {
+    if !kvm_available("a_disk_keeps_working_after_a_restore") {
+        return;
+    }
+    let dir = TempDir::new("snap-blk");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (first, second) = (dir.path("first.img"), dir.path("second.img"));
+    std::fs::write(&first, vec![0u8; 1 << 20]).unwrap();
+    let new_disk: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&second, &new_disk).unwrap();
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(&mut c, "PUT", "/entropy", serde_json::json!({}));
+    ok(
+        &mut c,
+        "PUT",
+        "/drives/data",
+        serde_json::json!({"drive_id": "data", "path_on_host": first, "is_root_device": false, "is_read_only": false}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=blk tg.blk_watch_ms=60000"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for("the blk workload to watch", |out| {
+        out.contains("TG blk_watching")
+    });
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+
+    // The restored VM reopens the disk by path; its queue goes on where it stopped: the
+    // guest sees the swap and reads the new disk through the restored queue.
+    let (mut restored, mut c) = load(&dir, "restored", &state, &mem);
+    let patch = serde_json::json!({"drive_id": "data", "path_on_host": second});
+    ok(&mut c, "PATCH", "/drives/data", patch);
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(60)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let tg: std::collections::BTreeMap<String, String> =
+        common::tg_lines(&restored.console()).into_iter().collect();
+    assert_eq!(tg["blk_capacity_changed"], "4096");
+    assert_eq!(tg["blk_config_irq"], "1");
+    let sum = new_disk[..512]
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    assert_eq!(tg["blk_new_sum"], format!("{sum:016x}"));
+
+    // A snapshot whose disk is gone fails to load, clearly.
+    std::fs::remove_file(&first).unwrap();
+    let sock = dir.path("missing.sock");
+    let target = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = target.client();
+    let r = c
+        .request(
+            "PUT",
+            "/snapshot/load",
+            Some(&serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}}).to_string()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(
+        r.body.contains("cannot open disk image") && r.body.contains("first.img"),
+        "{r:?}"
+    );
+}

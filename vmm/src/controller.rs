@@ -9,13 +9,14 @@ use std::time::Instant;
 
 use crate::config::VmConfig;
 use crate::metrics::MetricsWriter;
+use crate::vmm::{MemorySource, PreparedVm};
+
 use crate::resources::{
     FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
 };
 use crate::rpc::{
     ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
 };
-use crate::vmm::PreparedVm;
 use crate::vmm::{ApiContext, VmOutcome, Vmm, VmmError};
 
 /// anvil's version, as `GET /` and `GET /version` report it.
@@ -155,12 +156,10 @@ fn load_snapshot(
             ))
         }
         (Some(b), None) if b.backend_type == MemBackendType::Uffd => {
-            return Err(ActionError::Failed(
-                "mem_backend: the Uffd backend is not supported yet; use File".into(),
-            ))
+            MemorySource::Uffd(b.backend_path.clone())
         }
-        (Some(b), None) => b.backend_path.clone(),
-        (None, Some(path)) => path.clone(),
+        (Some(b), None) => MemorySource::File(b.backend_path.clone()),
+        (None, Some(path)) => MemorySource::File(path.clone()),
         (None, None) => {
             return Err(ActionError::Failed(
                 "mem_backend: the memory file is missing".into(),
@@ -185,11 +184,12 @@ fn load_snapshot(
         .clone()
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
     let track = params.enable_diff_snapshots || params.track_dirty_pages;
-    let mut vmm =
-        Vmm::restore(&state, &mem_file, &kvm_device, track, start).map_err(|e| fail(&e))?;
-    vmm.set_seccomp_level(resources.seccomp_level);
     let mut saved = VmResources::from_saved(full);
     saved.seccomp_level = resources.seccomp_level;
+    let config = saved.vm_config()?;
+    let mut vmm = Vmm::restore(&state, &config, &mem_file, &kvm_device, track, start)
+        .map_err(|e| fail(&e))?;
+    vmm.set_seccomp_level(resources.seccomp_level);
     saved.kvm_device = resources.kvm_device.clone();
     saved.machine.track_dirty_pages = track;
     Ok((vmm, saved))

@@ -80,6 +80,8 @@ pub struct DeviceManager {
     pub block_controls: Vec<(String, devices::virtio::block::BlockControl)>,
     /// Handles on the network devices, in configuration order.
     pub net_controls: Vec<devices::virtio::net::NetControl>,
+    /// The virtio-mmio transports, in bus order (for snapshots).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Virtio-mmio devices placed so far: their windows and GSIs, as the ACPI DSDT and the
     /// kernel command line describe them.
     pub virtio_devices: Vec<VirtioMmioDevice>,
@@ -167,6 +169,7 @@ impl DeviceManager {
             cmos,
             block_controls: Vec::new(),
             net_controls: Vec::new(),
+            transports: Vec::new(),
             virtio_devices: Vec::new(),
             boot_time_us,
         })
@@ -220,9 +223,11 @@ impl DeviceManager {
         let transport =
             MmioTransport::new(device, mem.clone(), Interrupt::new(irq_evt), queue_evts)
                 .map_err(|e| DeviceError::Queue(name, e))?;
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), addr, VIRTIO_MMIO_SLOT_SIZE)
+            .insert(transport.clone(), addr, VIRTIO_MMIO_SLOT_SIZE)
             .map_err(|e| DeviceError::Bus(name, e))?;
+        self.transports.push(transport);
         self.virtio_devices.push(VirtioMmioDevice {
             addr,
             len: VIRTIO_MMIO_SLOT_SIZE,

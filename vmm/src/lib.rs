@@ -20,4 +20,4 @@ mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
 pub use seccomp::SeccompLevel;
-pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, MemorySource, PreparedVm, VmOutcome, Vmm, VmmError};

@@ -176,7 +176,9 @@ struct Parts {
 /// A built VM, ready to run.
 #[derive(Debug)]
 pub struct Vmm {
-    // Kept open for the VM's lifetime.
+    // Kept open for the VM's lifetime: a userfaultfd backend's fd and handler connection
+    // (closing the fd would turn missing pages into zero pages).
+    _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
     _kvm: Kvm,
     _vm: VmFd,
     _guest_memory: GuestMemoryMmap,
@@ -194,6 +196,15 @@ pub struct Vmm {
 /// The name of network interface `index` in metrics: its ID from the API, else `eth<index>`.
 fn net_metrics_id(net: &crate::config::NetConfig, index: usize) -> String {
     net.id.clone().unwrap_or_else(|| format!("eth{index}"))
+}
+
+/// Where a snapshot's guest memory comes from.
+#[derive(Debug, Clone)]
+pub enum MemorySource {
+    /// A private mapping of the memory file.
+    File(PathBuf),
+    /// A page-fault handler listening on this Unix socket (Firecracker's Uffd backend).
+    Uffd(PathBuf),
 }
 
 /// What a [`PreparedVm`] was made for: a different value needs a new one.
@@ -377,15 +388,19 @@ impl PreparedVm {
     }
 }
 
-/// A locally administered unicast MAC address for interface `index` of this VMM process.
-fn default_mac(index: usize) -> [u8; 6] {
-    let pid = std::process::id().to_be_bytes();
+/// A locally administered unicast MAC address for interface `index` on `tap`: derived from
+/// the tap's name, so the same VM (or its snapshot, restored on the same tap) keeps it.
+fn default_mac(tap: &str, index: usize) -> [u8; 6] {
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let h = h.to_be_bytes();
     [
         0x06,
-        0x00,
-        pid[1],
-        pid[2],
-        pid[3],
+        h[0],
+        h[1],
+        h[2],
+        h[3],
         u8::try_from(index).unwrap_or(0),
     ]
 }
@@ -468,6 +483,7 @@ impl Vmm {
             preloaded,
         )?;
         Ok(Self {
+            _uffd: None,
             _kvm: prepared.kvm,
             _vm: prepared.vm,
             _guest_memory: prepared.guest_memory,
@@ -513,40 +529,14 @@ impl Vmm {
                 .metrics(),
             devices.boot_time_us.clone(),
         );
-        if config.rng {
-            let rng = Rng::new();
-            metrics.set_entropy(rng.metrics());
-            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(rng))?;
-        }
         let mut cmdline = config.cmdline.clone();
-        for (index, disk) in config.disks.iter().enumerate() {
-            let block =
-                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
-            devices
-                .block_controls
-                .push((disk.id.clone(), block.control()));
-            metrics.add_block(&disk.id, block.metrics());
-            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
-            if disk.root {
-                // Disks are probed in command-line order: the first is vda.
-                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
-                let mode = if disk.read_only { "ro" } else { "rw" };
-                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
-            }
-        }
-        for (index, net) in config.nets.iter().enumerate() {
-            let tap = Tap::open(&net.tap)?;
-            let mac = net.mac.unwrap_or_else(|| default_mac(index));
-            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
-            devices.net_controls.push(device.control());
-            metrics.add_net(&net_metrics_id(net, index), device.metrics());
-            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
-        }
-        if let Some(vsock) = &config.vsock {
-            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
-            metrics.set_vsock(device.metrics());
-            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
-        }
+        cmdline.push_str(&Self::add_devices(
+            config,
+            vm,
+            guest_memory,
+            &mut devices,
+            &mut metrics,
+        )?);
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in devices.virtio_cmdline() {
             cmdline.push(' ');
@@ -647,11 +637,15 @@ impl Vmm {
     /// CPU feature the guest was given.
     pub fn restore(
         state: &MicrovmState,
-        mem_file: &std::path::Path,
+        config: &VmConfig,
+        memory: &MemorySource,
         kvm_device: &std::path::Path,
         track_dirty_pages: bool,
         start: Instant,
     ) -> Result<Self, VmmError> {
+        // Restored devices start their workers below, before the VM runs: they filter
+        // themselves.
+        seccomp::prepare_workers(config.seccomp_level)?;
         let kvm = crate::kvm::open(kvm_device)?;
         let snapshot_error =
             |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
@@ -678,14 +672,21 @@ impl Vmm {
             ..Default::default()
         })
         .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
-        let guest_memory = crate::snapshot::map_memory(mem_file, &state.memory)
-            .map_err(|e| snapshot_error(error_chain(&e)))?;
+        let (guest_memory, uffd) = match memory {
+            MemorySource::File(path) => (
+                crate::snapshot::map_memory(path, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?,
+                None,
+            ),
+            MemorySource::Uffd(socket) => {
+                let m = crate::snapshot::uffd::connect(socket, &state.memory)
+                    .map_err(|e| snapshot_error(error_chain(&e)))?;
+                (m.memory, Some((m.uffd, m.stream)))
+            }
+        };
         crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
-        let devices =
+        let mut devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
-        let msr_list = std::sync::Arc::new(
-            crate::snapshot::state::msr_list(&kvm).map_err(|e| snapshot_error(error_chain(&e)))?,
-        );
         let mut metrics = Registry::default();
         metrics.set_legacy(
             devices
@@ -699,6 +700,18 @@ impl Vmm {
                 .unwrap_or_else(|p| p.into_inner())
                 .metrics(),
             devices.boot_time_us.clone(),
+        );
+        // Disks and taps are reopened by path, in the order they had.
+        Self::add_devices(config, &vm, &guest_memory, &mut devices, &mut metrics)?;
+        if devices.transports.len() != state.virtio.len() {
+            return Err(snapshot_error(format!(
+                "{} virtio devices saved, the configuration has {}",
+                state.virtio.len(),
+                devices.transports.len()
+            )));
+        }
+        let msr_list = std::sync::Arc::new(
+            crate::snapshot::state::msr_list(&kvm).map_err(|e| snapshot_error(error_chain(&e)))?,
         );
         let (events_tx, vcpu_events) = channel();
         let vcpu_events_evt = EventFd::new(libc::EFD_NONBLOCK)
@@ -734,12 +747,21 @@ impl Vmm {
             .vm
             .restore(&vm)
             .map_err(|e| snapshot_error(error_chain(&e)))?;
+        for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate()
+        {
+            transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore_state(saved)
+                .map_err(|why| snapshot_error(format!("virtio device {index}: {why}")))?;
+        }
         tracing::info!(
             vcpus = state.vcpu_count,
             mib = state.mem_size_mib,
             "snapshot loaded"
         );
         Ok(Self {
+            _uffd: uffd,
             _kvm: kvm,
             _vm: vm,
             _guest_memory: guest_memory,
@@ -749,7 +771,7 @@ impl Vmm {
             vcpu_events,
             vcpu_events_evt,
             protocol: BootProtocol::Linux64,
-            seccomp_level: SeccompLevel::default(),
+            seccomp_level: config.seccomp_level,
             metrics,
             metrics_writer: None,
         })
@@ -759,6 +781,53 @@ impl Vmm {
     /// snapshot, which the configuration did not build).
     pub fn set_seccomp_level(&mut self, level: SeccompLevel) {
         self.seccomp_level = level;
+    }
+
+    /// Creates the virtio devices of `config` in their fixed order (rng, disks, nets, vsock),
+    /// which is also their order on the MMIO bus; returns what they add to the kernel
+    /// command line (`root=`).
+    fn add_devices(
+        config: &VmConfig,
+        vm: &VmFd,
+        guest_memory: &GuestMemoryMmap,
+        devices: &mut DeviceManager,
+        metrics: &mut Registry,
+    ) -> Result<String, VmmError> {
+        let mut cmdline = String::new();
+        if config.rng {
+            let rng = Rng::new();
+            metrics.set_entropy(rng.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(rng))?;
+        }
+        for (index, disk) in config.disks.iter().enumerate() {
+            let block =
+                Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
+            metrics.add_block(&disk.id, block.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
+            if disk.root {
+                // Disks are probed in command-line order: the first is vda.
+                let letter = char::from(b'a' + u8::try_from(index).unwrap_or(0));
+                let mode = if disk.read_only { "ro" } else { "rw" };
+                cmdline.push_str(&format!(" root=/dev/vd{letter} {mode}"));
+            }
+        }
+        for (index, net) in config.nets.iter().enumerate() {
+            let tap = Tap::open(&net.tap)?;
+            let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap, index));
+            let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
+            metrics.add_net(&net_metrics_id(net, index), device.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            metrics.set_vsock(device.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
+        }
+        Ok(cmdline)
     }
 
     /// The boot protocol the kernel is entered with.
@@ -778,11 +847,7 @@ impl Vmm {
         let level = self.seccomp_level;
         let vcpu_filters = seccomp::filters(ThreadKind::Vcpu, level)?;
         let vmm_filters = seccomp::filters(ThreadKind::Vmm, level)?;
-        let worker_filters = match level {
-            SeccompLevel::None => None,
-            _ => Some(seccomp::filters(ThreadKind::Worker, level)?),
-        };
-        seccomp::set_worker_filters(worker_filters);
+        seccomp::prepare_workers(level)?;
         // Every vCPU thread installs its filter and waits; this thread installs its own; only
         // then does any vCPU enter the guest.
         let (ready_tx, ready_rx) = channel();
@@ -862,6 +927,9 @@ const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
+
+/// virtio device ID of vsock (virtio 1.2, 5).
+const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1165,11 +1233,45 @@ impl EventLoop {
                     .into(),
             ));
         }
-        if !devices.virtio_devices.is_empty() {
+        let has_vsock = devices
+            .transports
+            .iter()
+            .any(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type() == VIRTIO_ID_VSOCK);
+        if has_vsock {
             return Err(ActionError::Failed(
-                "snapshots of microVMs with virtio devices are not supported yet".into(),
+                "snapshots of microVMs with a vsock device are not supported yet".into(),
             ));
         }
+        // The devices stop touching guest memory; they start again below.
+        let virtio: Vec<_> = devices
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect();
+        let result =
+            self.write_snapshot(params, devices, vcpu_events, vcpus, machine, virtio.clone());
+        for (t, state) in devices.transports.iter().zip(&virtio) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save(state);
+        }
+        result
+    }
+
+    /// The vCPUs', VM's and devices' state and guest memory, to the snapshot files.
+    fn write_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+        virtio: Vec<devices::virtio::mmio::MmioTransportState>,
+    ) -> Result<(), ActionError> {
+        let tracking = self
+            .api
+            .as_ref()
+            .is_some_and(|a| a.resources.machine.track_dirty_pages);
         let api = self.api.as_ref().ok_or(ActionError::VmmGone)?;
         let resources = api.resources.clone();
         let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
@@ -1227,6 +1329,7 @@ impl EventLoop {
             vm: KvmVmState::save(machine.vm).map_err(|e| failed(&e))?,
             vcpus: states.into_iter().flatten().collect(),
             legacy,
+            virtio,
             config_json: serde_json::to_string(&resources.full_config())
                 .map_err(|e| ActionError::Failed(e.to_string()))?,
         };

@@ -93,6 +93,90 @@ impl std::fmt::Debug for MmioTransport {
     }
 }
 
+/// A queue's settings and positions, for snapshots (virtio-queue's `QueueState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Next available-ring entry the device reads.
+    pub next_avail: u16,
+    /// Next used-ring entry the device writes.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// The driver finished setting it up.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl QueueSnapshot {
+    /// The queue, if virtio-queue accepts the values (sizes and alignments are checked).
+    fn to_queue(self) -> Result<Queue, String> {
+        Queue::try_from(virtio_queue::QueueState {
+            max_size: self.max_size,
+            next_avail: self.next_avail,
+            next_used: self.next_used,
+            event_idx_enabled: self.event_idx_enabled,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+        })
+        .map_err(|e| format!("invalid queue: {e}"))
+    }
+}
+
+/// A virtio-mmio transport's registers and queues, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmioTransportState {
+    /// The device's virtio type (checked on restore).
+    pub device_type: u32,
+    /// Device status.
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// The device was running.
+    pub activated: bool,
+    /// The queues.
+    pub queues: Vec<QueueSnapshot>,
+    /// Per-queue set-up errors.
+    pub bad: Vec<u8>,
+    /// Interrupt status register.
+    pub interrupt_status: u32,
+    /// The device asked for a reset.
+    pub needs_reset: bool,
+}
+
 /// Sets the low or high half of a 64-bit value.
 fn set_half(value: u64, high: bool, half: u32) -> u64 {
     if high {
@@ -135,6 +219,88 @@ impl MmioTransport {
             .iter()
             .map(|&max| Queue::new(max.min(QUEUE_MAX_SIZE)))
             .collect()
+    }
+
+    /// Stops the device's work and returns the transport's state (queue positions from the
+    /// device's worker); [`MmioTransport::resume_after_save`] starts it again. Guest memory is
+    /// then no longer written by this device until it resumes.
+    pub fn save_state(&mut self) -> MmioTransportState {
+        let mut activated = self.activated;
+        let queues: Vec<QueueSnapshot> = if self.activated {
+            match self.device.quiesce() {
+                Some(states) => states.into_iter().map(QueueSnapshot::from).collect(),
+                None => {
+                    // The device failed: it waits for the driver to reset it.
+                    activated = false;
+                    Vec::new()
+                }
+            }
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        if self.activated {
+            // Held here until resumed (or restored elsewhere).
+            self.queues = queues.iter().filter_map(|q| q.to_queue().ok()).collect();
+            self.activated = false;
+        }
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            activated,
+            queues,
+            bad: self.bad.clone(),
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+        }
+    }
+
+    /// Starts the device again after [`MmioTransport::save_state`] if it was running.
+    pub fn resume_after_save(&mut self, state: &MmioTransportState) {
+        if state.activated && !self.activated {
+            self.activate();
+        }
+    }
+
+    /// Takes a snapshot's state (before the guest runs). Values are checked as a driver's
+    /// would be: a device whose queues are invalid in this VM's memory is marked as needing a
+    /// reset, never trusted.
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "device type {} where the VM has {}",
+                state.device_type,
+                self.device.device_type()
+            ));
+        }
+        let count = self.device.queue_max_sizes().len();
+        if state.queues.len() != count || state.bad.len() != count {
+            return Err(format!(
+                "{} queues for a device with {count}",
+                state.queues.len()
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| q.to_queue())
+            .collect::<Result<Vec<_>, _>>()?;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features & self.device_features();
+        self.queue_sel = state.queue_sel;
+        self.queues = queues;
+        self.bad = state.bad.clone();
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if state.activated {
+            self.activate();
+        }
+        Ok(())
     }
 
     /// The device's virtio type.

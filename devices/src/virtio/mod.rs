@@ -103,6 +103,18 @@ impl Interrupt {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Takes a snapshot's interrupt status and reset request.
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if status != 0 {
+            // Re-raise the line: the guest had not acknowledged it.
+            if let Err(e) = self.irq.write(1) {
+                tracing::error!("cannot raise a virtio interrupt: {e}");
+            }
+        }
+    }
+
     /// The interrupt status register's value.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
@@ -175,6 +187,13 @@ pub(crate) fn serve_queue(
 }
 
 /// Stops a device's worker, if it runs.
+/// Stops a worker and returns its queues' states (see [`VirtioDevice::quiesce`]).
+pub(crate) fn quiesce_worker(
+    worker: &mut Option<worker::Worker>,
+) -> Option<Vec<virtio_queue::QueueState>> {
+    worker.take()?.stop_collect()
+}
+
 pub(crate) fn stop_worker(worker: &mut Option<worker::Worker>) {
     if let Some(mut worker) = worker.take() {
         worker.stop();
@@ -197,6 +216,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops processing and forgets the queues, so the device can be activated again.
     fn reset(&mut self);
+    /// Stops an activated device's work (its worker thread) and returns its queues' states,
+    /// for a snapshot; `None` when it is not active (never activated, or failed).
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>>;
 }
 
 /// Reads from a byte slice at `offset` into `data`, the rest filled with zeros; for

@@ -98,6 +98,10 @@ fn fill_chain(
 }
 
 impl QueueHandler for RngHandler {
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.queue.state()]
+    }
+
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
         let (mem, buf, metrics) = (&self.mem, &mut self.buf, &self.metrics);
         if serve_queue(&mut self.queue, mem, |chain| {
@@ -161,6 +165,10 @@ impl VirtioDevice for Rng {
             .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        super::quiesce_worker(&mut self.worker)
     }
 
     fn reset(&mut self) {

@@ -59,6 +59,9 @@ impl VirtioDevice for MockDevice {
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
     }
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        None
+    }
 }
 
 fn rd(t: &mut MmioTransport, offset: u64) -> u32 {

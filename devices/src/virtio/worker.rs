@@ -23,13 +23,15 @@ pub(crate) trait QueueHandler: Send + 'static {
     fn wants_fd(&self, index: usize) -> bool;
     /// Called once when the worker stops because of an error.
     fn failed(&mut self, why: &str);
+    /// The queues' positions and settings (for snapshots, once the worker stopped).
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState>;
 }
 
 /// A running worker thread.
 #[derive(Debug)]
 pub(crate) struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<virtio_queue::QueueState>>>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
@@ -92,75 +94,80 @@ impl Worker {
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             // The eventfds must outlive the epoll registration.
             let _keep = (&queue_evts, &stop_clone);
-            if let Err(why) = run_start_hook() {
-                handler.failed(&why);
-                return;
-            }
-            let refresh = |handler: &H, watching: &mut Vec<bool>| -> Result<(), String> {
-                for (i, fd) in extra.iter().enumerate() {
-                    let want = handler.wants_fd(i);
-                    if want != watching[i] {
-                        let events = if want {
-                            EventSet::IN
-                        } else {
-                            EventSet::empty()
-                        };
-                        epoll
-                            .ctl(
-                                ControlOperation::Modify,
-                                *fd,
-                                EpollEvent::new(events, (extra_base + i) as u64),
-                            )
-                            .map_err(|e| format!("cannot watch a device fd: {e}"))?;
-                        watching[i] = want;
-                    }
-                }
-                Ok(())
-            };
-            // Queues may already hold buffers the driver made available before activation.
-            for index in 0..queue_evts.len() {
-                if let Err(why) = handler.process_queue(index) {
+            // Runs until stopped or failed; the queues' states are the thread's result.
+            let mut serve = || {
+                if let Err(why) = run_start_hook() {
                     handler.failed(&why);
                     return;
                 }
-            }
-            let mut events = vec![EpollEvent::default(); queue_evts.len() + extra.len() + 1];
-            loop {
-                if let Err(why) = refresh(&handler, &mut watching) {
-                    handler.failed(&why);
-                    return;
-                }
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        handler.failed(&format!("epoll failed: {e}"));
-                        return;
+                let refresh = |handler: &H, watching: &mut Vec<bool>| -> Result<(), String> {
+                    for (i, fd) in extra.iter().enumerate() {
+                        let want = handler.wants_fd(i);
+                        if want != watching[i] {
+                            let events = if want {
+                                EventSet::IN
+                            } else {
+                                EventSet::empty()
+                            };
+                            epoll
+                                .ctl(
+                                    ControlOperation::Modify,
+                                    *fd,
+                                    EpollEvent::new(events, (extra_base + i) as u64),
+                                )
+                                .map_err(|e| format!("cannot watch a device fd: {e}"))?;
+                            watching[i] = want;
+                        }
                     }
+                    Ok(())
                 };
-                for event in &events[..n] {
-                    let token = event.data();
-                    if token == STOP_TOKEN {
-                        return;
-                    }
-                    let Ok(index) = usize::try_from(token) else {
-                        continue;
-                    };
-                    let result = if let Some(evt) = queue_evts.get(index) {
-                        // Drain the counter; everything available is processed below.
-                        let _ = evt.read();
-                        handler.process_queue(index)
-                    } else if index - extra_base < extra.len() {
-                        handler.process_fd(index - extra_base)
-                    } else {
-                        Ok(())
-                    };
-                    if let Err(why) = result {
+                // Queues may already hold buffers the driver made available before activation.
+                for index in 0..queue_evts.len() {
+                    if let Err(why) = handler.process_queue(index) {
                         handler.failed(&why);
                         return;
                     }
                 }
-            }
+                let mut events = vec![EpollEvent::default(); queue_evts.len() + extra.len() + 1];
+                loop {
+                    if let Err(why) = refresh(&handler, &mut watching) {
+                        handler.failed(&why);
+                        return;
+                    }
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            handler.failed(&format!("epoll failed: {e}"));
+                            return;
+                        }
+                    };
+                    for event in &events[..n] {
+                        let token = event.data();
+                        if token == STOP_TOKEN {
+                            return;
+                        }
+                        let Ok(index) = usize::try_from(token) else {
+                            continue;
+                        };
+                        let result = if let Some(evt) = queue_evts.get(index) {
+                            // Drain the counter; everything available is processed below.
+                            let _ = evt.read();
+                            handler.process_queue(index)
+                        } else if index - extra_base < extra.len() {
+                            handler.process_fd(index - extra_base)
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(why) = result {
+                            handler.failed(&why);
+                            return;
+                        }
+                    }
+                }
+            };
+            serve();
+            handler.queue_states()
         })?;
         Ok(Self {
             stop,
@@ -170,13 +177,21 @@ impl Worker {
 
     /// Stops the thread and waits for it.
     pub(crate) fn stop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            if let Err(e) = self.stop.write(1) {
-                tracing::error!("cannot stop a device worker: {e}");
-                return;
-            }
-            if thread.join().is_err() {
+        let _ = self.stop_collect();
+    }
+
+    /// Stops the thread, waits for it and returns its queues' states.
+    pub(crate) fn stop_collect(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        let thread = self.thread.take()?;
+        if let Err(e) = self.stop.write(1) {
+            tracing::error!("cannot stop a device worker: {e}");
+            return None;
+        }
+        match thread.join() {
+            Ok(states) => Some(states),
+            Err(_) => {
                 tracing::error!("a device worker panicked");
+                None
             }
         }
     }

@@ -149,9 +149,9 @@ pub fn filters(kind: ThreadKind, level: SeccompLevel) -> Result<ThreadFilters, S
     Ok(ThreadFilters(programs))
 }
 
-/// Whether threads of `kind` start other threads.
+/// Whether threads of `kind` start other threads (device workers).
 fn allows_threads(kind: ThreadKind) -> bool {
-    kind == ThreadKind::Vcpu
+    matches!(kind, ThreadKind::Vcpu | ThreadKind::Vmm)
 }
 
 /// Syscalls threads of `kind` may attempt but that fail with ENOSYS:
@@ -201,6 +201,16 @@ pub fn install_filters(kind: ThreadKind, filters: &ThreadFilters) -> Result<(), 
 /// The worker filters device workers install, set by [`crate::Vmm::run`]; `None` while no
 /// VM runs with seccomp on.
 static WORKER_FILTERS: Mutex<Option<ThreadFilters>> = Mutex::new(None);
+
+/// Makes every device worker started from now on install the worker filter of `level`.
+pub(crate) fn prepare_workers(level: SeccompLevel) -> Result<(), SeccompError> {
+    let filters = match level {
+        SeccompLevel::None => None,
+        _ => Some(filters(ThreadKind::Worker, level)?),
+    };
+    set_worker_filters(filters);
+    Ok(())
+}
 
 /// Makes every device worker started from now on install `filters` (`None`: none), through
 /// the hook `devices` calls at the start of each worker thread.
@@ -502,6 +512,30 @@ fn worker(rules: &mut Rules) {
 /// epolls and timers, configuring the tap, spawning the worker), plus all a worker does,
 /// since the worker inherits this filter.
 fn vcpu(rules: &mut Rules) {
+    device_host(rules);
+    rules.allow_ioctls(&[
+        ioctls::KVM_RUN(),
+        ioctls::KVM_GET_REGS(),
+        ioctls::KVM_GET_MP_STATE(),
+        ioctls::KVM_GET_SREGS(),
+        ioctls::KVM_GET_MSRS(),
+        ioctls::KVM_GET_CPUID2(),
+        ioctls::KVM_GET_LAPIC(),
+        ioctls::KVM_GET_VCPU_EVENTS(),
+        ioctls::KVM_GET_DEBUGREGS(),
+        ioctls::KVM_GET_TSC_KHZ(),
+        ioctls::KVM_GET_XSAVE(),
+        ioctls::KVM_GET_XCRS(),
+        ioctls::KVM_GET_XSAVE2(),
+        ioctls::KVM_KVMCLOCK_CTRL(),
+    ]);
+}
+
+/// What a thread that (re)starts devices needs: creating their eventfds, epolls and timers,
+/// configuring the tap, spawning the worker and letting it install its filter, plus all a
+/// worker does, since the worker inherits this filter. vCPU threads start devices when the
+/// driver activates them, the main thread when a snapshot is done with them.
+fn device_host(rules: &mut Rules) {
     worker(rules);
     rules.allow(&[
         libc::SYS_eventfd2,
@@ -533,32 +567,16 @@ fn vcpu(rules: &mut Rules) {
         0,
         &[u64::from(libc::SECCOMP_SET_MODE_FILTER)],
     );
-    rules.allow_ioctls(&[
-        ioctls::KVM_RUN(),
-        ioctls::KVM_GET_REGS(),
-        ioctls::KVM_GET_MP_STATE(),
-        ioctls::KVM_GET_SREGS(),
-        ioctls::KVM_GET_MSRS(),
-        ioctls::KVM_GET_CPUID2(),
-        ioctls::KVM_GET_LAPIC(),
-        ioctls::KVM_GET_VCPU_EVENTS(),
-        ioctls::KVM_GET_DEBUGREGS(),
-        ioctls::KVM_GET_TSC_KHZ(),
-        ioctls::KVM_GET_XSAVE(),
-        ioctls::KVM_GET_XCRS(),
-        ioctls::KVM_GET_XSAVE2(),
-        ioctls::KVM_KVMCLOCK_CTRL(),
-        libc::TUNSETOFFLOAD,
-    ]);
+    rules.allow_ioctls(&[libc::TUNSETOFFLOAD]);
 }
 
 /// The main thread once the VM runs: its epoll loop, vCPU kicks, stdin, the terminal mode
 /// restored at exit, the vsock socket removed at exit, the metrics timer, and the API actions
 /// on a running VM: `PATCH /drives` opens the new backing file, a snapshot creates its files
-/// and reads the VM's state (irqchip, PIT, clock, dirty log).
+/// and reads the VM's state (irqchip, PIT, clock, dirty log), stopping the device workers and
+/// starting them again afterwards.
 fn vmm(rules: &mut Rules) {
-    common(rules);
-    epoll(rules);
+    device_host(rules);
     rules.allow(&[
         libc::SYS_openat,
         libc::SYS_unlink,

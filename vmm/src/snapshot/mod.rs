@@ -7,6 +7,7 @@
 //! layout in the state is checked against what the VM being built expects.
 
 pub mod state;
+pub mod uffd;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

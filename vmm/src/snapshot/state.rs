@@ -239,6 +239,8 @@ pub struct MicrovmState {
     pub vcpus: Vec<VcpuState>,
     /// The legacy devices.
     pub legacy: LegacyState,
+    /// The virtio-mmio transports and their queues, in bus order.
+    pub virtio: Vec<devices::virtio::mmio::MmioTransportState>,
     /// The resources the VM was configured with (Firecracker's format), for `GET /vm/config`
     /// and to reopen disks and taps.
     pub config_json: String,

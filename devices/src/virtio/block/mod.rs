@@ -260,6 +260,10 @@ impl BlockIo {
 }
 
 impl QueueHandler for BlockHandler {
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.queue.state()]
+    }
+
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
         self.io.metrics.queue_event_count.inc();
         let mem = self.io.mem.clone();
@@ -338,6 +342,10 @@ impl VirtioDevice for Block {
             .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        super::quiesce_worker(&mut self.worker)
     }
 
     fn reset(&mut self) {

@@ -326,6 +326,10 @@ impl NetHandler {
 }
 
 impl QueueHandler for NetHandler {
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state()]
+    }
+
     fn process_queue(&mut self, index: usize) -> Result<(), String> {
         match index {
             RX_QUEUE => {
@@ -423,6 +427,10 @@ impl VirtioDevice for Net {
             .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        super::quiesce_worker(&mut self.worker)
     }
 
     fn reset(&mut self) {

@@ -698,6 +698,10 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        vec![self.rx.state(), self.tx.state(), self._event.state()]
+    }
+
     fn process_queue(&mut self, index: usize) -> Result<(), String> {
         match index {
             RX_QUEUE => {
@@ -788,6 +792,10 @@ impl VirtioDevice for Vsock {
                 .map_err(ActivateError::Worker)?,
         );
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<virtio_queue::QueueState>> {
+        super::quiesce_worker(&mut self.worker)
     }
 
     fn reset(&mut self) {
