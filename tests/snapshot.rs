@@ -531,3 +531,157 @@ fn a_disk_keeps_working_after_a_restore() {
         "{r:?}"
     );
 }
+
+#[test]
+fn vsock_serves_a_host_connection_after_a_restore() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    if !kvm_available("vsock_serves_a_host_connection_after_a_restore") {
+        return;
+    }
+    let dir = TempDir::new("snap-vsock");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let uds = dir.path("v.sock");
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/vsock",
+        serde_json::json!({"guest_cid": 3, "uds_path": uds}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(),
+            "boot_args": "console=ttyS0 tg.run=vsock tg.vsock_listen=6000 tg.io_timeout_ms=60000"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    // The guest has set the device up and waits for a connection.
+    vmm.wait_for("the vsock device", |out| out.contains("TG vsock_cid=3"));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+
+    let (mut restored, _c) = load(&dir, "restored", &state, &mem);
+    // The restored VMM listens on the same path; the guest accepts through its restored queues.
+    let stream = {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(&uds) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "connect: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    writer.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}\n{}", restored.output());
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    writer.write_all(&data).unwrap();
+    let mut echo = vec![0u8; data.len()];
+    reader.read_exact(&mut echo).unwrap();
+    assert_eq!(echo, data);
+    drop(writer);
+    drop(reader);
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(60)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let out = restored.console();
+    assert!(out.contains("TG vsock_listen=ok bytes=8192"), "{out}");
+}
+
+#[test]
+fn clones_each_use_their_own_disk_copy() {
+    if !kvm_available("clones_each_use_their_own_disk_copy") {
+        return;
+    }
+    let dir = TempDir::new("snap-clone-disks");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    // The drive's path is relative: each process opens the disk.img of its own directory.
+    let source_dir = dir.path("source");
+    std::fs::create_dir_all(&source_dir).unwrap();
+    std::fs::write(source_dir.join("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn_in(Some(&source_dir), &["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/drives/data",
+        serde_json::json!({"drive_id": "data", "path_on_host": "disk.img", "is_root_device": false, "is_read_only": false}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=blk tg.blk_watch_ms=60000"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for("the blk workload", |out| out.contains("TG blk_watching"));
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+
+    let mut clones = Vec::new();
+    for (name, fill) in [("clone-a", 0x5au8), ("clone-b", 0xa5u8)] {
+        let cdir = dir.path(name);
+        std::fs::create_dir_all(&cdir).unwrap();
+        std::fs::copy(source_dir.join("disk.img"), cdir.join("disk.img")).unwrap();
+        std::fs::write(cdir.join("new.img"), vec![fill; 2 << 20]).unwrap();
+        let sock = dir.path(&format!("{name}.sock"));
+        let vmm = ApiVmm::spawn_in(Some(&cdir), &["--api-sock", sock.to_str().unwrap()]);
+        let mut c = vmm.client();
+        ok(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+        );
+        clones.push((vmm, c, fill));
+    }
+    for (_, c, _) in &mut clones {
+        ok(
+            c,
+            "PATCH",
+            "/drives/data",
+            serde_json::json!({"drive_id": "data", "path_on_host": "new.img"}),
+        );
+    }
+    for (mut vmm, _, fill) in clones {
+        assert_eq!(
+            vmm.wait_exit_within(std::time::Duration::from_secs(60)),
+            0,
+            "{}",
+            vmm.output()
+        );
+        let tg: std::collections::BTreeMap<String, String> =
+            common::tg_lines(&vmm.console()).into_iter().collect();
+        let sum = [fill; 512].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        assert_eq!(tg["blk_new_sum"], format!("{sum:016x}"), "{}", vmm.output());
+    }
+}

@@ -21,12 +21,22 @@ pub struct ApiVmm {
 
 impl ApiVmm {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_in(None, args)
+    }
+
+    /// Like [`ApiVmm::spawn`], in the working directory `cwd` (relative paths in the VM's
+    /// configuration are then that directory's, as under Firecracker's jailer).
+    pub fn spawn_in(cwd: Option<&std::path::Path>, args: &[&str]) -> Self {
         let socket = args
             .iter()
             .position(|a| *a == "--api-sock")
             .map(|i| PathBuf::from(args[i + 1]))
             .unwrap_or_default();
-        let mut child = Command::new(anvil_vmm())
+        let mut command = Command::new(anvil_vmm());
+        if let Some(dir) = cwd {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

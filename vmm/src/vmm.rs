@@ -747,6 +747,18 @@ impl Vmm {
             .vm
             .restore(&vm)
             .map_err(|e| snapshot_error(error_chain(&e)))?;
+        // Interrupts raised while the devices were rebuilt were lost when the interrupt
+        // controllers took their saved state: raise the pending ones again.
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
+        devices
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .raise_pending_interrupt();
         for (index, (transport, saved)) in devices.transports.iter().zip(&state.virtio).enumerate()
         {
             transport
@@ -927,9 +939,6 @@ const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
-
-/// virtio device ID of vsock (virtio 1.2, 5).
-const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -1231,15 +1240,6 @@ impl EventLoop {
                 "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
                  configuration (or enable_diff_snapshots when loading)"
                     .into(),
-            ));
-        }
-        let has_vsock = devices
-            .transports
-            .iter()
-            .any(|t| t.lock().unwrap_or_else(|p| p.into_inner()).device_type() == VIRTIO_ID_VSOCK);
-        if has_vsock {
-            return Err(ActionError::Failed(
-                "snapshots of microVMs with a vsock device are not supported yet".into(),
             ));
         }
         // The devices stop touching guest memory; they start again below.

@@ -102,6 +102,11 @@ impl I8042 {
         }
     }
 
+    /// Raises IRQ 1 again if bytes wait for the guest (after a restore).
+    pub fn raise_pending_interrupt(&self) {
+        self.raise_kbd_irq();
+    }
+
     /// Takes the registers and buffer of a snapshot (at most the buffer's capacity).
     pub fn restore(&mut self, state: &I8042State) -> Result<(), String> {
         if state.output.len() > OUTPUT_CAPACITY {

@@ -134,6 +134,17 @@ impl SerialDevice {
         Ok(Self { serial, metrics })
     }
 
+    /// Raises the interrupt again if the UART has one pending (after a restore, once the
+    /// interrupt controllers hold their saved state).
+    pub fn raise_pending_interrupt(&self) {
+        // IIR bit 0 clear: an interrupt is pending.
+        if self.serial.state().interrupt_identification & 1 == 0 {
+            if let Err(e) = self.serial.interrupt_evt().eventfd().write(1) {
+                tracing::debug!("serial interrupt failed: {e}");
+            }
+        }
+    }
+
     /// The registers and FIFO.
     pub fn state(&self) -> SerialSnapshot {
         let s = self.serial.state();

@@ -81,6 +81,8 @@ pub struct MmioTransport {
     acked_features: u64,
     queue_sel: u32,
     activated: bool,
+    /// The next activation resumes a VM restored from a snapshot.
+    restoring: bool,
 }
 
 impl std::fmt::Debug for MmioTransport {
@@ -210,6 +212,7 @@ impl MmioTransport {
             acked_features: 0,
             queue_sel: 0,
             activated: false,
+            restoring: false,
         })
     }
 
@@ -442,6 +445,7 @@ impl MmioTransport {
             queues,
             queue_evts: evts,
             acked_features: self.acked_features,
+            restored: std::mem::take(&mut self.restoring),
         };
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,

@@ -139,6 +139,9 @@ pub struct ActivateContext {
     pub queue_evts: Vec<EventFd>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// The device resumes in a VM restored from a snapshot: its host-side connections are
+    /// gone (vsock tells the driver with a transport reset).
+    pub restored: bool,
 }
 
 /// Takes exactly `N` queues out of `queues`, in order.

@@ -30,6 +30,9 @@ pub enum StateError {
     },
 }
 
+/// IA32_TSC_DEADLINE (Intel SDM Vol. 4, 2.1).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
 /// Everything KVM keeps for one vCPU.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -124,6 +127,18 @@ impl VcpuState {
         fd.set_debug_regs(&self.debugregs)
             .map_err(kvm("set debug registers"))?;
         fd.set_lapic(&self.lapic).map_err(kvm("set the LAPIC"))?;
+        // KVM ignores IA32_TSC_DEADLINE unless the LAPIC timer is in TSC-deadline mode, which
+        // the LAPIC state just set: write it again now.
+        let deadline: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .filter(|m| m.index == MSR_IA32_TSC_DEADLINE)
+            .copied()
+            .collect();
+        if !deadline.is_empty() {
+            let msrs = Msrs::from_entries(&deadline).map_err(|_| StateError::Fam("MSR"))?;
+            fd.set_msrs(&msrs).map_err(kvm("set the TSC deadline"))?;
+        }
         fd.set_mp_state(self.mp_state)
             .map_err(kvm("set the MP state"))?;
         fd.set_vcpu_events(&self.vcpu_events)

@@ -169,6 +169,9 @@ struct PendingHost {
 const LISTENER_TOKEN: u64 = u64::MAX;
 
 struct VsockHandler {
+    /// A transport reset event is owed to the driver (the VM was restored: every connection
+    /// it knew is gone).
+    transport_reset: bool,
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
@@ -697,6 +700,34 @@ impl VsockHandler {
     }
 }
 
+impl VsockHandler {
+    /// Puts the owed VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (virtio 1.2, 5.10.6.7) in the next
+    /// event buffer the driver posted; waits for one if there is none.
+    fn send_transport_reset(&mut self) -> Result<(), String> {
+        if !self.transport_reset {
+            return Ok(());
+        }
+        let mem = self.mem.clone();
+        check_avail_index(&mut self._event, &mem)?;
+        let Some(chain) = self._event.pop_descriptor_chain(&mem) else {
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let written = match Writer::new(&mem, chain) {
+            // struct virtio_vsock_event { le32 id }, id 0 = TRANSPORT_RESET.
+            Ok(mut w) if w.available_bytes() >= 4 => w.write_obj(0u32).map(|()| 4).unwrap_or(0),
+            _ => 0,
+        };
+        self._event
+            .add_used(&mem, head, written)
+            .map_err(|e| format!("event queue: {e}"))?;
+        self.transport_reset = false;
+        self.interrupt.signal_used_queue();
+        tracing::debug!("vsock: transport reset sent after a restore");
+        Ok(())
+    }
+}
+
 impl QueueHandler for VsockHandler {
     fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
         vec![self.rx.state(), self.tx.state(), self._event.state()]
@@ -714,7 +745,7 @@ impl QueueHandler for VsockHandler {
                 self.flush_backlog()
             }
             TX_QUEUE => self.transmit(),
-            _ => Ok(()),
+            _ => self.send_transport_reset(),
         }
     }
 
@@ -786,6 +817,7 @@ impl VirtioDevice for Vsock {
             rx_blocked: false,
             buf: Vec::new(),
             metrics: self.metrics.clone(),
+            transport_reset: ctx.restored,
         };
         self.worker = Some(
             Worker::spawn("anvil-vsock".into(), ctx.queue_evts, handler)
