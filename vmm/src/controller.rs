@@ -103,9 +103,22 @@ impl Preparer {
             track_dirty_pages: spec.track_dirty_pages,
             ..VmConfig::default()
         };
+        // The same machine, prepared without a kernel, and now a kernel: load it into that
+        // VM instead of making another (its memory holds nothing yet).
+        let previous = self.current.take().and_then(|(old, handle)| {
+            let same_machine = old.kvm_device == spec.kvm_device
+                && old.mem_size_mib == spec.mem_size_mib
+                && old.vcpu_count == spec.vcpu_count
+                && old.track_dirty_pages == spec.track_dirty_pages;
+            (same_machine && old.kernel.as_os_str().is_empty()).then_some(handle)
+        });
+        let work = move || match previous.map(JoinHandle::join) {
+            Some(Ok(Ok(prepared))) => prepared.with_kernel(&config),
+            _ => PreparedVm::new(&config),
+        };
         match std::thread::Builder::new()
             .name("anvil-prepare".into())
-            .spawn(move || PreparedVm::new(&config))
+            .spawn(work)
         {
             Ok(handle) => self.current = Some((spec, handle)),
             Err(e) => {

@@ -316,6 +316,14 @@ impl Preloaded {
 }
 
 impl PreparedVm {
+    /// This VM (prepared without a kernel) with the kernel and initrd of `config` loaded.
+    pub fn with_kernel(mut self, config: &VmConfig) -> Result<Self, VmmError> {
+        if self.loaded.is_none() && !config.kernel.as_os_str().is_empty() {
+            self.loaded = Some(Preloaded::load(config, &self.guest_memory)?);
+        }
+        Ok(self)
+    }
+
     /// Checks `config`'s machine against the host and KVM, creates the VM and its memory and,
     /// if `config` names a kernel, loads it (while KVM installs the memory slot).
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {

@@ -845,3 +845,85 @@ fn a_vsock_socket_in_use_is_refused_and_a_stale_one_replaced() {
     assert!(crate::virtio::vsock::Vsock::new(3, &path).is_ok());
     assert!(!path.exists(), "the device removes its socket when dropped");
 }
+
+#[test]
+fn transport_state_round_trips_with_queue_positions() {
+    let (mut t, m, _irq, _notify) = rng_transport();
+    negotiate(&mut t, 0);
+    setup_queue(&mut t, 0, 16, 0);
+    put_desc(&m, 0, 0, BUF, 64, VRING_DESC_F_WRITE, 0);
+    publish(&m, 0, &[0]);
+    wr(&mut t, 0x70, ALL_OK);
+    assert!(wait_used(&m, 0, 1));
+    let state = t.save_state();
+    assert!(state.activated);
+    assert_eq!(state.queues[0].next_avail, 1);
+    assert_eq!(state.queues[0].next_used, 1);
+    assert_eq!(
+        state.device_type,
+        virtio_bindings::virtio_ids::VIRTIO_ID_RNG
+    );
+
+    // A new transport (another process) takes the state; the next request is served from
+    // where the first left off.
+    let notify = evt();
+    let mut restored = MmioTransport::new(
+        Box::new(Rng::new()),
+        m.clone(),
+        Interrupt::new(evt()),
+        vec![notify.try_clone().unwrap()],
+    )
+    .unwrap();
+    restored.restore_state(&state).unwrap();
+    assert_eq!(restored.status(), ALL_OK);
+    put_desc(&m, 0, 1, BUF + 0x1000, 64, VRING_DESC_F_WRITE, 0);
+    m.write_obj(1u16, GuestAddress(AVAIL + 4 + 2)).unwrap();
+    m.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+    notify.write(1).unwrap();
+    assert!(
+        wait_used(&m, 0, 2),
+        "the restored device must serve the next chain"
+    );
+    // The original resumes too (after a snapshot the source VM may go on).
+    t.resume_after_save(&state);
+}
+
+#[test]
+fn hostile_transport_states_are_refused_or_fail_the_device() {
+    let (mut t, m, ..) = rng_transport();
+    negotiate(&mut t, 0);
+    setup_queue(&mut t, 0, 16, 0);
+    wr(&mut t, 0x70, ALL_OK);
+    let good = t.save_state();
+    let fresh = || {
+        MmioTransport::new(
+            Box::new(Rng::new()),
+            m.clone(),
+            Interrupt::new(evt()),
+            vec![evt()],
+        )
+        .unwrap()
+    };
+    let mut bad = good.clone();
+    bad.device_type = 2;
+    assert!(fresh()
+        .restore_state(&bad)
+        .unwrap_err()
+        .contains("device type"));
+    let mut bad = good.clone();
+    bad.queues.push(bad.queues[0]);
+    assert!(fresh().restore_state(&bad).unwrap_err().contains("queues"));
+    let mut bad = good.clone();
+    bad.queues[0].size = 3;
+    assert!(
+        fresh().restore_state(&bad).is_err(),
+        "a size that is not a power of two"
+    );
+    // Rings outside guest memory: accepted as state, but the device needs a reset and
+    // nothing touches memory.
+    let mut bad = good.clone();
+    bad.queues[0].desc_table = 1 << 40;
+    let mut t2 = fresh();
+    t2.restore_state(&bad).unwrap();
+    assert_ne!(t2.status() & STATUS_DEVICE_NEEDS_RESET, 0);
+}
