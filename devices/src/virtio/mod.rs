@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 pub use virtio_queue::Error as QueueError;
+pub use worker::{set_worker_start_hook, WorkerStartHook};
 
 /// VIRTIO_F_VERSION_1 (virtio 1.2, 6): the device is modern; the transport always offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -147,11 +147,63 @@ pub fn execute(
     data: &mut Writer<'_>,
     bounce: &mut Vec<u8>,
 ) -> Result<usize, RequestError> {
-    let header: RequestHeader = reader.read_obj().map_err(|_| RequestError::NoHeader)?;
-    match RequestKind::from(header.request_type) {
+    run(disk, reader, data, bounce).result
+}
+
+/// What [`run`] did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The request's kind, once its header was read.
+    pub kind: Option<RequestKind>,
+    /// Bytes written to `data`, or why the request failed.
+    pub result: Result<usize, RequestError>,
+    /// Bytes moved between the guest and the disk (read or written).
+    pub disk_bytes: usize,
+}
+
+/// Like [`execute`], also reporting the request's kind and the bytes it moved (for metrics).
+pub fn run(
+    disk: &mut Disk,
+    reader: &mut Reader<'_>,
+    data: &mut Writer<'_>,
+    bounce: &mut Vec<u8>,
+) -> Outcome {
+    let header: RequestHeader = match reader.read_obj() {
+        Ok(h) => h,
+        Err(_) => {
+            return Outcome {
+                kind: None,
+                result: Err(RequestError::NoHeader),
+                disk_bytes: 0,
+            }
+        }
+    };
+    let kind = RequestKind::from(header.request_type);
+    let disk_bytes = match kind {
+        RequestKind::In => data.available_bytes(),
+        RequestKind::Out => reader.available_bytes(),
+        _ => 0,
+    };
+    let result = execute_kind(disk, kind, header.sector, reader, data, bounce);
+    Outcome {
+        kind: Some(kind),
+        disk_bytes: if result.is_ok() { disk_bytes } else { 0 },
+        result,
+    }
+}
+
+fn execute_kind(
+    disk: &mut Disk,
+    kind: RequestKind,
+    sector: u64,
+    reader: &mut Reader<'_>,
+    data: &mut Writer<'_>,
+    bounce: &mut Vec<u8>,
+) -> Result<usize, RequestError> {
+    match kind {
         RequestKind::In => {
             let len = data.available_bytes();
-            let mut offset = check_range(disk, header.sector, len)?;
+            let mut offset = check_range(disk, sector, len)?;
             let mut left = len;
             while left > 0 {
                 let n = left.min(CHUNK_BYTES);
@@ -170,7 +222,7 @@ pub fn execute(
                 return Err(RequestError::ReadOnly);
             }
             let len = reader.available_bytes();
-            let mut offset = check_range(disk, header.sector, len)?;
+            let mut offset = check_range(disk, sector, len)?;
             let mut left = len;
             while left > 0 {
                 let n = left.min(CHUNK_BYTES);

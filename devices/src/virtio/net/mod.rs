@@ -41,16 +41,7 @@ const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
     | (1 << VIRTIO_NET_F_HOST_TSO4)
     | (1 << VIRTIO_NET_F_HOST_TSO6);
 
-/// Counters of a network device.
-#[derive(Debug, Default)]
-pub struct NetMetrics {
-    /// Frames delivered to the guest.
-    pub rx_frames: std::sync::atomic::AtomicU64,
-    /// Frames sent by the guest.
-    pub tx_frames: std::sync::atomic::AtomicU64,
-    /// Frames dropped (too large for the guest's buffer, malformed, or the tap refused them).
-    pub dropped: std::sync::atomic::AtomicU64,
-}
+pub use crate::metrics::NetMetrics;
 
 /// A virtio network device.
 #[derive(Debug)]
@@ -188,10 +179,6 @@ fn throttle(config: RateLimiterConfig) -> Result<Option<Throttle>, ActivateError
         .map_err(ActivateError::Worker)
 }
 
-fn count(counter: &std::sync::atomic::AtomicU64) {
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 impl NetHandler {
     /// Sends every chain on the transmit queue to the tap.
     fn transmit(&mut self) -> Result<(), String> {
@@ -207,20 +194,21 @@ impl NetHandler {
         );
         let used = serve_queue(&mut self.tx, &mem, |chain| {
             let Ok(mut reader) = Reader::new(&mem, chain) else {
-                count(&metrics.dropped);
+                metrics.tx_fails.inc();
                 return Some(0);
             };
             let len = reader.available_bytes();
             if let Some(t) = throttle {
                 if !t.admit(len.saturating_sub(VNET_HDR_LEN) as u64) {
                     // Sent when the rate limiter's timer fires.
+                    metrics.tx_rate_limiter_throttled.inc();
                     return None;
                 }
             }
             if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len)
                 || reader.read_exact(&mut frame[..len]).is_err()
             {
-                count(&metrics.dropped);
+                metrics.tx_fails.inc();
                 return Some(0);
             }
             let sent = tap
@@ -228,10 +216,13 @@ impl NetHandler {
                 .unwrap_or_else(|p| p.into_inner())
                 .write_frame(&frame[..len]);
             match sent {
-                Ok(_) => count(&metrics.tx_frames),
+                Ok(_) => {
+                    metrics.tx_packets_count.inc();
+                    metrics.tx_bytes_count.add((len - VNET_HDR_LEN) as u64);
+                }
                 Err(e) => {
                     tracing::debug!("virtio-net: tap write failed: {e}");
-                    count(&metrics.dropped);
+                    metrics.tx_fails.inc();
                 }
             }
             Some(0)
@@ -259,7 +250,10 @@ impl NetHandler {
                         Ok(_) => continue,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(format!("tap read failed: {e}")),
+                        Err(e) => {
+                            self.metrics.tap_read_fails.inc();
+                            return Err(format!("tap read failed: {e}"));
+                        }
                     }
                 }
             };
@@ -269,6 +263,7 @@ impl NetHandler {
                 self.control.rx.apply(t);
                 if !t.admit((len - VNET_HDR_LEN) as u64) {
                     // The frame waits; the tap is not read until the timer fires.
+                    self.metrics.rx_rate_limiter_throttled.inc();
                     self.pending = Some(len);
                     break;
                 }
@@ -287,18 +282,19 @@ impl NetHandler {
                 Ok(mut writer) if writer.available_bytes() >= len => {
                     match writer.write_all(&self.frame[..len]) {
                         Ok(()) => {
-                            count(&self.metrics.rx_frames);
+                            self.metrics.rx_packets_count.inc();
+                            self.metrics.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
                             len
                         }
                         Err(_) => {
-                            count(&self.metrics.dropped);
+                            self.metrics.rx_dropped_frames.inc();
                             0
                         }
                     }
                 }
                 _ => {
                     // Too small or outside guest memory: the frame is lost, the buffer returned.
-                    count(&self.metrics.dropped);
+                    self.metrics.rx_dropped_frames.inc();
                     0
                 }
             };
