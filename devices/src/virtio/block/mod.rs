@@ -10,15 +10,15 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
-use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
+use self::request::{Disk, Request, RequestError, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext, ActivateError,
-    Interrupt, VirtioDevice,
+    driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker, take_queues,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
@@ -122,7 +122,6 @@ struct BlockHandler {
 struct BlockIo {
     mem: GuestMemoryMmap,
     disk: Arc<Mutex<Disk>>,
-    bounce: Vec<u8>,
     throttle: Option<Throttle>,
 }
 
@@ -130,47 +129,30 @@ impl BlockIo {
     /// Runs one request; returns the used length (data written plus the status byte, 0 when
     /// the chain has no room for a status byte), or `None` when the rate limiter refused it.
     fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<u32> {
-        let (mut reader, mut writer) = match (
-            Reader::new(&self.mem, chain.clone()),
-            Writer::new(&self.mem, chain),
-        ) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => {
-                tracing::debug!("virtio-blk: chain outside guest memory");
+        let request = match Request::parse(&self.mem, chain) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("virtio-blk: {e}");
                 return Some(0);
             }
         };
-        let writable = writer.available_bytes();
-        if writable == 0 {
-            tracing::debug!("virtio-blk: request without a status byte");
-            return Some(0);
-        }
         if let Some(throttle) = &mut self.throttle {
-            // Data bytes: everything but the 16-byte header and the status byte.
-            let bytes = (reader.available_bytes().saturating_sub(16) + writable - 1) as u64;
-            if !throttle.admit(bytes) {
+            if !throttle.admit(request.data_bytes() as u64) {
                 return None;
             }
         }
-        let Ok(mut status_writer) = writer.split_at(writable - 1) else {
-            return Some(0);
-        };
         let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let (status, written) =
-            match request::execute(&mut disk, &mut reader, &mut writer, &mut self.bounce) {
-                Ok(n) => (STATUS_OK, n),
-                Err(e) => {
-                    if !matches!(e, RequestError::ReadOnly) {
-                        tracing::debug!("virtio-blk: request failed: {e}");
-                    }
-                    (e.status(), writer.bytes_written())
+        let (status, written) = match request.execute(&mut disk) {
+            Ok(n) => (STATUS_OK, n),
+            Err(e) => {
+                if !matches!(e, RequestError::ReadOnly) {
+                    tracing::debug!("virtio-blk: request failed: {e}");
                 }
-            };
+                (e.status(), 0)
+            }
+        };
         drop(disk);
-        if status_writer.write_obj(status).is_err() {
-            return Some(0);
-        }
-        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        Some(request.complete(status, written))
     }
 }
 
@@ -178,7 +160,9 @@ impl QueueHandler for BlockHandler {
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
         let mem = self.io.mem.clone();
         // A request the rate limiter refused is retried when its timer fires.
-        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))? {
+        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))?
+            && driver_wants_interrupt(&self.queue, &mem)
+        {
             self.interrupt.signal_used_queue();
         }
         Ok(())
@@ -234,7 +218,6 @@ impl VirtioDevice for Block {
             io: BlockIo {
                 mem: ctx.mem,
                 disk: self.disk.clone(),
-                bounce: Vec::new(),
                 throttle: if self.rate_limit.is_unlimited() {
                     None
                 } else {

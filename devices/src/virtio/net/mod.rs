@@ -20,8 +20,8 @@ pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    check_avail_index, read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext,
-    ActivateError, Interrupt, VirtioDevice,
+    check_avail_index, driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker,
+    take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{RateLimiterConfig, Throttle};
 
@@ -208,7 +208,7 @@ impl NetHandler {
             }
             Some(0)
         })?;
-        if used {
+        if used && driver_wants_interrupt(&self.tx, &mem) {
             self.interrupt.signal_used_queue();
         }
         Ok(())
@@ -279,7 +279,7 @@ impl NetHandler {
                 .map_err(|e| format!("cannot return a receive buffer: {e}"))?;
             used_any = true;
         }
-        if used_any {
+        if used_any && driver_wants_interrupt(&self.rx, &mem) {
             self.interrupt.signal_used_queue();
         }
         Ok(())
