@@ -35,8 +35,9 @@ import tempfile
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-ANVIL = os.path.join(REPO, "target", "release", "anvil-vmm")
-TESTGUEST = os.path.join(REPO, "target", "release", "anvil-testguest")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+ANVIL = os.path.join(TARGET, "release", "anvil-vmm")
+TESTGUEST = os.path.join(TARGET, "release", "anvil-testguest")
 GUEST_DIR = os.environ.get("ANVIL_GUEST_DIR", os.path.join(REPO, "..", "shared", "guest"))
 TIMEOUT_S = 120
 
