@@ -25,6 +25,11 @@ fn ring_base(index: usize) -> u64 {
     0x4000 * index as u64
 }
 
+/// The low 32 bits of a ring address (the rings sit in the first 4 GiB).
+fn low(addr: u64) -> u32 {
+    u32::try_from(addr).expect("rings are below 4 GiB")
+}
+
 /// One queue as the driver sees it.
 #[derive(Debug)]
 pub struct DriverQueue {
@@ -99,9 +104,9 @@ impl DriverQueue {
     fn queue(&self) -> Queue {
         let mut q = Queue::new(QUEUE_SIZE).expect("valid queue size");
         q.set_size(QUEUE_SIZE);
-        q.set_desc_table_address(Some(self.desc() as u32), Some(0));
-        q.set_avail_ring_address(Some(self.avail() as u32), Some(0));
-        q.set_used_ring_address(Some(self.used() as u32), Some(0));
+        q.set_desc_table_address(Some(low(self.desc())), Some(0));
+        q.set_avail_ring_address(Some(low(self.avail())), Some(0));
+        q.set_used_ring_address(Some(low(self.used())), Some(0));
         q.set_ready(true);
         q
     }
