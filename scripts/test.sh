@@ -48,10 +48,17 @@ fi
 
 log "this host's KVM (kvm_pvm) cannot run Linux: running the Linux lane inside the L1 machine"
 guest_dir=$("$repo/scripts/guest-artifacts.sh")
-test_bin=$(cargo test --release --test linux_boot --no-run --message-format=json 2>/dev/null |
-  grep -o '"executable":"[^"]*linux_boot-[^"]*"' | sed 's/^"executable":"//; s/"$//' | tail -n 1)
-[ -x "$test_bin" ] || { log "cannot find the linux_boot test binary"; exit 1; }
+# The Linux-lane test binaries (each test file whose name starts with linux_), run one after
+# the other in a single L1 boot.
+lane=""
+for file in "$repo"/tests/linux_*.rs; do
+  test=$(basename "$file" .rs)
+  bin=$(cargo test --release --test "$test" --no-run --message-format=json 2>/dev/null |
+    grep -o "\"executable\":\"[^\"]*/$test-[^\"]*\"" | sed 's/^"executable":"//; s/"$//' | tail -n 1)
+  [ -x "$bin" ] || { log "cannot find the $test test binary"; exit 1; }
+  lane="$lane \"$bin\" --test-threads=1 &&"
+done
 # ANVIL_REQUIRE_LINUX makes the Linux-lane tests fail instead of skipping if L1 cannot run them.
 ANVIL_GUEST_DIR=$guest_dir ANVIL_REQUIRE_LINUX=1 \
-  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- "$test_bin" --test-threads=1
+  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- sh -c "$lane true"
 log "Linux lane passed inside L1"

@@ -1,6 +1,7 @@
 //! `anvil-vmm`: boots a guest in a KVM microVM. A thin `main`: parse the command line,
 //! build a [`vmm::VmConfig`], hand it to the VMM core and turn the outcome into an exit status.
 
+mod ctl;
 mod terminal;
 
 use std::path::PathBuf;
@@ -32,19 +33,86 @@ const EXIT_GUEST_FAILURE: u8 = 3;
         error, 2 on a command-line error, 3 when the guest crashes or stops making progress."
 )]
 struct Cli {
-    /// Log level: off, error, warn, info, debug or trace (the ANVIL_LOG environment variable
-    /// overrides it).
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    /// Log level: off, error, warn(ing), info, debug or trace (the ANVIL_LOG environment
+    /// variable overrides it). `--level` is Firecracker's spelling.
+    #[arg(
+        long,
+        global = true,
+        default_value = "info",
+        value_name = "LEVEL",
+        alias = "level"
+    )]
     log_level: String,
 
+    #[command(flatten)]
+    fc: FirecrackerArgs,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// Firecracker's own command-line flags: `anvil-vmm` without a subcommand behaves as
+/// `firecracker` does, so tools that spawn Firecracker can spawn anvil.
+#[derive(Debug, clap::Args)]
+struct FirecrackerArgs {
+    /// Serve the API on this Unix socket (a stale socket is replaced; one in use is refused).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+
+    /// Boot at once from this configuration file (Firecracker's JSON format).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+
+    /// Do not serve the API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+
+    /// The microVM's ID, reported by `GET /`.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
+
+    /// Write the log to this file or named pipe instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+
+    /// Write metrics lines to this file or named pipe.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+
+    /// Accepted for compatibility: anvil's boot timer device (port 0x3f0) is always present.
+    #[arg(long)]
+    boot_timer: bool,
+
+    /// Seccomp filtering: 0 none, 1 syscall numbers, 2 syscall numbers and arguments.
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u8).range(0..=2))]
+    seccomp_level: Option<u8>,
+
+    /// Disable seccomp filtering.
+    #[arg(long, conflicts_with = "seccomp_level")]
+    no_seccomp: bool,
+
+    /// Largest API request body in bytes (accepted for compatibility; anvil's limit is 51200).
+    #[arg(long, value_name = "BYTES")]
+    http_api_max_payload_size: Option<usize>,
+
+    /// Jailer start-time hint, accepted for compatibility.
+    #[arg(long, value_name = "US", hide = true)]
+    start_time_us: Option<u64>,
+    /// Jailer start-time hint, accepted for compatibility.
+    #[arg(long, value_name = "US", hide = true)]
+    start_time_cpu_us: Option<u64>,
+    /// Jailer start-time hint, accepted for compatibility.
+    #[arg(long, value_name = "US", hide = true)]
+    parent_cpu_time_us: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest kernel and connect its serial console (COM1) to this terminal.
     Boot(BootArgs),
+    /// Talk to a running anvil-vmm (or Firecracker) over its API socket and print the JSON
+    /// answer.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -140,20 +208,17 @@ fn error_line(error: &dyn std::error::Error) -> String {
     line
 }
 
-/// Parses a log level name.
+/// Parses a log level name (Firecracker's "Warning" included).
 fn parse_level(text: &str) -> Result<tracing::level_filters::LevelFilter, String> {
-    text.trim().parse().map_err(|_| {
+    let t = text.trim();
+    let t = if t.eq_ignore_ascii_case("warning") {
+        "warn"
+    } else {
+        t
+    };
+    t.parse().map_err(|_| {
         format!("invalid log level {text:?}: expected off, error, warn, info, debug or trace")
     })
-}
-
-fn init_logging(level: tracing::level_filters::LevelFilter) {
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(terminal::stderr_is_tty())
-        .with_target(false)
-        .init();
 }
 
 /// Turns the flags into a VM configuration; errors are command-line errors.
@@ -172,7 +237,7 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
         cmdline: args.cmdline,
         vcpu_count,
         mem_size_mib,
-        cpu_template: args.cpu_template,
+        cpu_template: args.cpu_template.map(vmm::config::CpuTemplateSource::File),
         boot_protocol: match args.boot_protocol {
             BootProtocolArg::Auto => BootProtocolChoice::Auto,
             BootProtocolArg::Linux64 => BootProtocolChoice::Linux64,
@@ -213,8 +278,72 @@ fn boot(config: VmConfig, start: Instant) -> Result<VmOutcome, String> {
     let vmm = Vmm::build(&config, start).map_err(|e| error_line(&e))?;
     tracing::debug!(protocol = ?vmm.boot_protocol(), "VM built");
     let _raw = terminal::RawStdin::enable();
-    vmm.run(Some(libc::STDIN_FILENO))
+    vmm.run(Some(libc::STDIN_FILENO), None)
         .map_err(|e| error_line(&e))
+}
+
+/// Removes the API socket when the process ends normally.
+struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Reads a Firecracker-format configuration file.
+fn read_config_file(path: &std::path::Path) -> Result<vmm::resources::VmResources, String> {
+    use vmm::resources::{FullVmConfiguration, VmResources};
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --config-file {}: {e}", path.display()))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let full: FullVmConfiguration = serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("invalid --config-file {}: {e}", path.display()))?;
+    VmResources::from_full_config(full)
+        .map_err(|e| format!("invalid --config-file {}: {e}", path.display()))
+}
+
+/// Firecracker mode: serve the API (and/or boot from a configuration file).
+fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, String> {
+    if args.no_api && args.config_file.is_none() {
+        return Err("--no-api needs --config-file: there would be nothing to boot".into());
+    }
+    let mut resources = match &args.config_file {
+        Some(path) => read_config_file(path)?,
+        None => vmm::resources::VmResources::default(),
+    };
+    if let Some(path) = &args.metrics_path {
+        resources.metrics = Some(vmm::resources::Metrics {
+            metrics_path: path.clone(),
+            emit_id: false,
+            properties: None,
+        });
+    }
+    let (receiver, _guard) = if args.no_api {
+        (None, None)
+    } else {
+        let path = args
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/anvil.socket"));
+        let listener = api_server::bind(&path).map_err(|e| error_line(&e))?;
+        let guard = SocketGuard(path);
+        let (sender, receiver) =
+            vmm::rpc::api_channel().map_err(|e| format!("cannot create the API channel: {e}"))?;
+        api_server::spawn(listener, sender, Box::new(|| ())).map_err(|e| error_line(&e))?;
+        tracing::info!(socket = %guard.0.display(), "API server listening");
+        (Some(receiver), Some(guard))
+    };
+    let _raw = terminal::RawStdin::enable();
+    vmm::controller::run(
+        resources,
+        receiver,
+        &args.id,
+        args.config_file.is_some(),
+        Some(libc::STDIN_FILENO),
+        start,
+    )
+    .map_err(|e| error_line(&e))
 }
 
 fn main() -> ExitCode {
@@ -251,21 +380,34 @@ fn main() -> ExitCode {
         }
     };
     let level_text = std::env::var("ANVIL_LOG").unwrap_or_else(|_| cli.log_level.clone());
-    match parse_level(&level_text) {
-        Ok(level) => init_logging(level),
+    let level = match parse_level(&level_text) {
+        Ok(level) => level,
         Err(why) => {
             eprintln!("anvil-vmm: {why} (see --help)");
             return ExitCode::from(EXIT_USAGE);
         }
+    };
+    if let Err(e) = vmm::logger::init(level, terminal::stderr_is_tty(), cli.fc.log_path.as_deref())
+    {
+        eprintln!("anvil-vmm: error: {}", error_line(&e));
+        return ExitCode::from(EXIT_ERROR);
     }
     let result = match cli.command {
-        Command::Boot(args) => match vm_config(args) {
+        Some(Command::Boot(args)) => match vm_config(args) {
             Ok(config) => boot(config, start),
             Err(why) => {
                 eprintln!("anvil-vmm: {why} (see --help)");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
+        Some(Command::Ctl(args)) => return ctl::run(args),
+        None if cli.fc.api_sock.is_none() && cli.fc.config_file.is_none() => {
+            eprintln!(
+                "anvil-vmm: give a subcommand (boot, ctl) or --api-sock/--config-file (see --help)"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => firecracker_mode(cli.fc, start),
     };
     match result {
         Ok(VmOutcome::Reset) => ExitCode::from(EXIT_OK),

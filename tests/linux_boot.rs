@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{anvil_vmm, boot, linux_capable, linux_guest_dir, Run};
+use common::{anvil_vmm, boot, linux_capable, linux_guest_dir, Run, SockDir};
 
 /// Under the L1 machine's software CPU a boot takes seconds; leave ample room.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -448,47 +448,6 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// A directory for Unix sockets, removed on drop. Inside the L1 machine the temporary
-/// directory is the host's, over 9p, which cannot hold sockets: then a tmpfs is mounted on it
-/// (the Linux lane runs as root there).
-struct SockDir {
-    path: std::path::PathBuf,
-    mounted: bool,
-}
-
-impl SockDir {
-    fn new() -> Self {
-        let path = std::env::temp_dir().join(format!("anvil-vsock-{}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap();
-        let probe = path.join("probe.sock");
-        let mounted = match std::os::unix::net::UnixListener::bind(&probe) {
-            Ok(_) => {
-                let _ = std::fs::remove_file(&probe);
-                false
-            }
-            Err(_) => {
-                let status = Command::new("mount")
-                    .args(["-t", "tmpfs", "tmpfs"])
-                    .arg(&path)
-                    .status()
-                    .expect("run mount");
-                assert!(status.success(), "cannot mount a tmpfs for Unix sockets");
-                true
-            }
-        };
-        Self { path, mounted }
-    }
-}
-
-impl Drop for SockDir {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.path).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
-
 /// One file in a newc cpio archive.
 fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     let name_z = format!("{name}\0");
@@ -555,7 +514,7 @@ fn linux_vsock_round_trip_to_a_host_socket() {
     let initrd_path = tmp.path("initramfs.cpio");
     std::fs::write(&initrd_path, &initrd).unwrap();
 
-    let sock_dir = SockDir::new();
+    let sock_dir = SockDir::new("vsock");
     let sock = sock_dir.path.join("v.sock");
     let listener =
         std::os::unix::net::UnixListener::bind(format!("{}_5005", sock.display())).unwrap();

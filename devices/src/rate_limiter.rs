@@ -4,6 +4,8 @@
 //! debt, so huge requests are slowed rather than blocked forever.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
@@ -175,6 +177,45 @@ impl Throttle {
     pub fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.throttled = false;
+    }
+}
+
+impl Throttle {
+    /// Replaces the limits (full buckets, as a new limiter starts); a wait already under way
+    /// ends when its timer fires.
+    pub fn set_config(&mut self, config: RateLimiterConfig) {
+        self.limiter = RateLimiter::new(config);
+    }
+}
+
+/// A rate-limit change requested while a device runs (Firecracker's `PATCH` of a drive or
+/// interface): the API side calls [`LimiterUpdate::request`], the device's worker applies it
+/// to its [`Throttle`] before its next operation.
+#[derive(Debug, Clone, Default)]
+pub struct LimiterUpdate {
+    pending: Arc<Mutex<Option<RateLimiterConfig>>>,
+    flag: Arc<AtomicBool>,
+}
+
+impl LimiterUpdate {
+    /// Asks the device to use `config` from its next operation on.
+    pub fn request(&self, config: RateLimiterConfig) {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(config);
+        self.flag.store(true, Ordering::Release);
+    }
+
+    /// Applies a pending change to `throttle` (one atomic load when there is none).
+    pub fn apply(&self, throttle: &mut Throttle) {
+        if self.flag.swap(false, Ordering::AcqRel) {
+            if let Some(config) = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                throttle.set_config(config);
+            }
+        }
     }
 }
 

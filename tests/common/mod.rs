@@ -2,6 +2,8 @@
 //! anvil-vmm with a deadline, and reading what the guest printed.
 #![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+pub mod api_vmm;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -277,4 +279,46 @@ pub fn tiny_elf(code: &[u8], load_addr: u64) -> Vec<u8> {
     ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
     elf.extend_from_slice(code);
     elf
+}
+
+/// A directory for Unix sockets, removed on drop. Inside the L1 machine the temporary
+/// directory is the host's, over 9p, which cannot hold sockets: then a tmpfs is mounted on it
+/// (the Linux lane runs as root there).
+pub struct SockDir {
+    /// The directory.
+    pub path: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl SockDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("anvil-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        let probe = path.join("probe.sock");
+        let mounted = match std::os::unix::net::UnixListener::bind(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                false
+            }
+            Err(_) => {
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "tmpfs"])
+                    .arg(&path)
+                    .status()
+                    .expect("run mount");
+                assert!(status.success(), "cannot mount a tmpfs for Unix sockets");
+                true
+            }
+        };
+        Self { path, mounted }
+    }
+}
+
+impl Drop for SockDir {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.path).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }

@@ -25,6 +25,15 @@ pub enum BootProtocolChoice {
     Pvh,
 }
 
+/// Where a custom CPU template comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuTemplateSource {
+    /// A JSON file (`--cpu-template`).
+    File(PathBuf),
+    /// JSON text (`PUT /cpu-config`, the configuration file).
+    Inline(String),
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -39,7 +48,7 @@ pub struct VmConfig {
     /// Guest RAM in MiB.
     pub mem_size_mib: u64,
     /// Optional Firecracker-style custom CPU template (JSON).
-    pub cpu_template: Option<PathBuf>,
+    pub cpu_template: Option<CpuTemplateSource>,
     /// Boot protocol selection.
     pub boot_protocol: BootProtocolChoice,
     /// The KVM device node.

@@ -69,6 +69,12 @@ pub struct DeviceManager {
     pub serial_input_room_evt: EventFd,
     /// Signalled when the guest resets through the i8042.
     pub reset_evt: EventFd,
+    /// The i8042 (for the host's Ctrl-Alt-Del).
+    pub i8042: Arc<Mutex<I8042>>,
+    /// Handles on the block devices, by disk ID, to change them while the VM runs.
+    pub block_controls: Vec<(String, devices::virtio::block::BlockControl)>,
+    /// Handles on the network devices, in configuration order.
+    pub net_controls: Vec<devices::virtio::net::NetControl>,
     /// Virtio-mmio devices placed so far: their windows and GSIs, as the ACPI DSDT and the
     /// kernel command line describe them.
     pub virtio_devices: Vec<VirtioMmioDevice>,
@@ -113,7 +119,7 @@ impl DeviceManager {
             kbd_irq,
         )));
         pio_bus
-            .insert(i8042, u64::from(I8042_PORT), 5)
+            .insert(i8042.clone(), u64::from(I8042_PORT), 5)
             .map_err(|e| DeviceError::Bus("i8042", e))?;
 
         pio_bus
@@ -133,6 +139,9 @@ impl DeviceManager {
             serial,
             serial_input_room_evt,
             reset_evt,
+            i8042,
+            block_controls: Vec::new(),
+            net_controls: Vec::new(),
             virtio_devices: Vec::new(),
         })
     }

@@ -4,12 +4,16 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod controller;
 pub mod device_manager;
 pub mod kvm;
 pub mod loader;
+pub mod logger;
 pub mod memory;
+pub mod resources;
+pub mod rpc;
 pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
-pub use vmm::{VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, PreparedVm, VmOutcome, Vmm, VmmError};

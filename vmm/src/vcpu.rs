@@ -101,6 +101,16 @@ pub enum VcpuEvent {
         /// or never started by the guest.
         idle_forever: bool,
     },
+    /// Answer to [`VcpuRequest::Pause`]: the vCPU is out of `KVM_RUN` and waits.
+    Paused {
+        /// vCPU index.
+        id: u8,
+    },
+    /// Answer to [`VcpuRequest::Resume`].
+    Resumed {
+        /// vCPU index.
+        id: u8,
+    },
 }
 
 /// What the event loop asks a vCPU.
@@ -108,6 +118,10 @@ pub enum VcpuEvent {
 pub enum VcpuRequest {
     /// Report whether this vCPU can still make progress.
     CheckProgress,
+    /// Stop running the guest until [`VcpuRequest::Resume`].
+    Pause,
+    /// Run the guest again.
+    Resume,
 }
 
 /// A vCPU and what it needs to run.
@@ -301,14 +315,46 @@ impl Vcpu {
 
     fn serve_requests(&mut self) {
         while let Ok(request) = self.requests.try_recv() {
-            match request {
-                VcpuRequest::CheckProgress => {
-                    let idle_forever = self.idle_forever();
-                    self.report(VcpuEvent::Progress {
-                        id: self.id,
-                        idle_forever,
-                    });
+            if request == VcpuRequest::Pause {
+                self.paused();
+            } else {
+                self.serve(request);
+            }
+        }
+    }
+
+    fn serve(&mut self, request: VcpuRequest) {
+        match request {
+            VcpuRequest::CheckProgress => {
+                let idle_forever = self.idle_forever();
+                self.report(VcpuEvent::Progress {
+                    id: self.id,
+                    idle_forever,
+                });
+            }
+            // Already running: acknowledge so the caller's count is right.
+            VcpuRequest::Resume => self.report(VcpuEvent::Resumed { id: self.id }),
+            VcpuRequest::Pause => self.report(VcpuEvent::Paused { id: self.id }),
+        }
+    }
+
+    /// Waits outside `KVM_RUN` until resumed. Progress checks are answered as "not idle":
+    /// a paused guest is not a stuck one.
+    fn paused(&mut self) {
+        self.report(VcpuEvent::Paused { id: self.id });
+        loop {
+            match self.requests.recv() {
+                Ok(VcpuRequest::Resume) => {
+                    self.report(VcpuEvent::Resumed { id: self.id });
+                    return;
                 }
+                Ok(VcpuRequest::Pause) => self.report(VcpuEvent::Paused { id: self.id }),
+                Ok(VcpuRequest::CheckProgress) => self.report(VcpuEvent::Progress {
+                    id: self.id,
+                    idle_forever: false,
+                }),
+                // The VMM is gone: nothing will resume this vCPU.
+                Err(_) => return,
             }
         }
     }

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{channel, Receiver};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use arch::boot::BootProtocol;
@@ -20,11 +21,14 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
+use crate::controller::error_chain;
 use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
+use crate::resources::{check_rate_limiter, PartialDrive, PartialNetworkInterface, VmResources};
+use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
 
 /// How often the event loop checks that the guest can still make progress.
@@ -109,6 +113,22 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop failure: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
+    /// The API-driven start failed.
+    #[error("{0}")]
+    Api(String),
+}
+
+/// What the event loop needs to serve API requests once the VM runs.
+#[derive(Debug)]
+pub struct ApiContext {
+    /// Requests from the API thread.
+    pub receiver: ApiReceiver,
+    /// The resources the VM was built from (`GET /vm/config`).
+    pub resources: VmResources,
+    /// The instance ID (`GET /`).
+    pub instance_id: String,
+    /// The `InstanceStart` request, answered once the vCPUs run.
+    pub start_reply: Option<Sender<ActionResult>>,
 }
 
 /// How a VM's run ended.
@@ -145,6 +165,183 @@ pub struct Vmm {
     protocol: BootProtocol,
 }
 
+/// What a [`PreparedVm`] was made for: a different value needs a new one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrepareKey {
+    kvm_device: PathBuf,
+    mem_size_mib: u64,
+    vcpu_count: u8,
+}
+
+impl PrepareKey {
+    fn of(config: &VmConfig) -> Self {
+        Self {
+            kvm_device: config.kvm_device.clone(),
+            mem_size_mib: config.mem_size_mib,
+            vcpu_count: config.vcpu_count,
+        }
+    }
+}
+
+/// The identity of the kernel and initrd files and how they are loaded: a preloaded kernel
+/// is used only if none of it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FilesKey {
+    kernel: FileId,
+    initrd: Option<FileId>,
+    protocol: crate::config::BootProtocolChoice,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+impl FilesKey {
+    fn of(config: &VmConfig) -> Option<Self> {
+        Some(Self {
+            kernel: FileId::of(&config.kernel)?,
+            initrd: match &config.initrd {
+                Some(path) => Some(FileId::of(path)?),
+                None => None,
+            },
+            protocol: config.boot_protocol,
+        })
+    }
+}
+
+/// A kernel and initrd already in guest memory.
+#[derive(Debug)]
+struct Preloaded {
+    files: FilesKey,
+    kernel: crate::loader::LoadedKernel,
+    initrd: Option<arch::boot::InitrdConfig>,
+}
+
+/// The parts of a VM that depend only on the machine configuration and the kernel files,
+/// made ahead of `InstanceStart` on a helper thread (the API's pre-boot phase): the KVM VM
+/// with its irqchip and PIT, guest memory registered with KVM and, when the boot source is
+/// known, the kernel and initrd loaded. [`Vmm::build_from`] uses it when nothing it depends
+/// on changed since.
+#[derive(Debug)]
+pub struct PreparedVm {
+    key: PrepareKey,
+    kvm: Kvm,
+    vm: VmFd,
+    guest_memory: GuestMemoryMmap,
+    loaded: Option<Preloaded>,
+}
+
+impl Preloaded {
+    /// Loads the kernel and initrd of `config` into `mem`.
+    fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
+        // Taken before reading, so a file replaced meanwhile does not match later.
+        let files = FilesKey::of(config);
+        let kernel = crate::loader::load_kernel(mem, &config.kernel, config.boot_protocol)?;
+        let initrd = config
+            .initrd
+            .as_ref()
+            .map(|path| crate::loader::load_initrd(mem, path, &kernel))
+            .transpose()?;
+        Ok(Self {
+            files: files.ok_or_else(|| {
+                VmmError::Api("the kernel or initrd file changed while it was loaded".into())
+            })?,
+            kernel,
+            initrd,
+        })
+    }
+}
+
+impl PreparedVm {
+    /// Checks `config`'s machine against the host and KVM, creates the VM and its memory and,
+    /// if `config` names a kernel, loads it (while KVM installs the memory slot).
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let kvm = crate::kvm::open(&config.kvm_device)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(config.vcpu_count) > max_vcpus {
+            return Err(VmmError::TooManyVcpus {
+                count: config.vcpu_count,
+                max: max_vcpus,
+            });
+        }
+        if let Some(host_mib) = crate::kvm::host_memory_mib() {
+            if config.mem_size_mib > host_mib {
+                return Err(VmmError::TooMuchMemory {
+                    mib: config.mem_size_mib,
+                    host_mib,
+                });
+            }
+        }
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        // KVM's IOAPIC starts with ID 0; give it the ID the MP table and MADT announce.
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut ioapic)
+            .map_err(|e| VmmError::VmSetup("read the IOAPIC state", e))?;
+        ioapic.chip.ioapic.id = u32::from(arch::mptable::ioapic_id(config.vcpu_count));
+        vm.set_irqchip(&ioapic)
+            .map_err(|e| VmmError::VmSetup("set the IOAPIC ID", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+
+        let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
+        let loaded = std::thread::scope(|scope| {
+            // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
+            // waits for an SRCU grace period): load the kernel meanwhile.
+            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
+            let loaded = if config.kernel.as_os_str().is_empty() {
+                Ok(None)
+            } else {
+                Preloaded::load(config, &guest_memory).map(Some)
+            };
+            slots
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            loaded
+        })?;
+        Ok(Self {
+            key: PrepareKey::of(config),
+            kvm,
+            vm,
+            guest_memory,
+            loaded,
+        })
+    }
+}
+
 /// A locally administered unicast MAC address for interface `index` of this VMM process.
 fn default_mac(index: usize) -> [u8; 6] {
     let pid = std::process::id().to_be_bytes();
@@ -174,81 +371,66 @@ impl Vmm {
     /// guest memory, devices and vCPUs, and loads the kernel. `start` is when the VMM process
     /// started (for the boot timer).
     pub fn build(config: &VmConfig, start: Instant) -> Result<Self, VmmError> {
+        Self::build_from(config, start, None)
+    }
+
+    /// Like [`Vmm::build`], using `prepared` when it was made for this configuration (see
+    /// [`PreparedVm`]); otherwise it is dropped and the VM made afresh.
+    pub fn build_from(
+        config: &VmConfig,
+        start: Instant,
+        prepared: Option<PreparedVm>,
+    ) -> Result<Self, VmmError> {
         config.validate()?;
         crate::loader::check_files(&config.kernel, config.initrd.as_deref())?;
-        let kvm = crate::kvm::open(&config.kvm_device)?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(config.vcpu_count) > max_vcpus {
-            return Err(VmmError::TooManyVcpus {
-                count: config.vcpu_count,
-                max: max_vcpus,
-            });
-        }
-        if let Some(host_mib) = crate::kvm::host_memory_mib() {
-            if config.mem_size_mib > host_mib {
-                return Err(VmmError::TooMuchMemory {
-                    mib: config.mem_size_mib,
-                    host_mib,
-                });
-            }
-        }
         let template = config
             .cpu_template
             .as_ref()
-            .map(|path| {
+            .map(|source| {
+                let path = match source {
+                    CpuTemplateSource::File(path) => path.clone(),
+                    CpuTemplateSource::Inline(_) => PathBuf::from("cpu-config"),
+                };
                 let fail =
                     |source: Box<dyn std::error::Error + Send + Sync>| VmmError::CpuTemplate {
                         path: path.clone(),
                         source,
                     };
-                let text = std::fs::read_to_string(path).map_err(|e| fail(Box::new(e)))?;
+                let text = match source {
+                    CpuTemplateSource::File(path) => {
+                        std::fs::read_to_string(path).map_err(|e| fail(Box::new(e)))?
+                    }
+                    CpuTemplateSource::Inline(text) => text.clone(),
+                };
                 CpuTemplate::from_json(&text).map_err(|e| fail(Box::new(e)))
             })
             .transpose()?;
-
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
-        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
-            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
-        vm.create_irq_chip()
-            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
-        // KVM's IOAPIC starts with ID 0; give it the ID the MP table and MADT announce.
-        let mut ioapic = kvm_irqchip {
-            chip_id: KVM_IRQCHIP_IOAPIC,
-            ..Default::default()
+        let key = PrepareKey::of(config);
+        let mut prepared = match prepared {
+            Some(p) if p.key == key => {
+                tracing::debug!(preloaded = p.loaded.is_some(), "using the prepared VM");
+                p
+            }
+            _ => PreparedVm::new(config)?,
         };
-        vm.get_irqchip(&mut ioapic)
-            .map_err(|e| VmmError::VmSetup("read the IOAPIC state", e))?;
-        ioapic.chip.ioapic.id = u32::from(arch::mptable::ioapic_id(config.vcpu_count));
-        vm.set_irqchip(&ioapic)
-            .map_err(|e| VmmError::VmSetup("set the IOAPIC ID", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit)
-            .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
-
-        let guest_memory = crate::memory::create_guest_memory(config.mem_size_mib)?;
-        let parts = std::thread::scope(|scope| {
-            // Installing the first KVM memory slot costs milliseconds on some hosts (the kernel
-            // waits for an SRCU grace period): do it while the kernel is loaded and the vCPUs
-            // are set up, which need the slot only once they run.
-            let slots = scope.spawn(|| crate::memory::register_with_kvm(&vm, &guest_memory));
-            let parts = Self::configure(config, &kvm, &vm, &guest_memory, template.as_ref(), start);
-            slots
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-            parts
-        })?;
-
+        let files = FilesKey::of(config);
+        let preloaded = prepared
+            .loaded
+            .take()
+            .filter(|l| files.as_ref().is_some_and(|f| *f == l.files));
+        let parts = Self::configure(
+            config,
+            &prepared.kvm,
+            &prepared.vm,
+            &prepared.guest_memory,
+            template.as_ref(),
+            start,
+            preloaded,
+        )?;
         Ok(Self {
-            _kvm: kvm,
-            _vm: vm,
-            _guest_memory: guest_memory,
+            _kvm: prepared.kvm,
+            _vm: prepared.vm,
+            _guest_memory: prepared.guest_memory,
             devices: parts.devices,
             vcpus: parts.vcpus,
             vcpu_requests: parts.vcpu_requests,
@@ -267,14 +449,12 @@ impl Vmm {
         guest_memory: &GuestMemoryMmap,
         template: Option<&CpuTemplate>,
         start: Instant,
+        preloaded: Option<Preloaded>,
     ) -> Result<Parts, VmmError> {
-        let kernel =
-            crate::loader::load_kernel(guest_memory, &config.kernel, config.boot_protocol)?;
-        let initrd = config
-            .initrd
-            .as_ref()
-            .map(|path| crate::loader::load_initrd(guest_memory, path, &kernel))
-            .transpose()?;
+        let Preloaded { kernel, initrd, .. } = match preloaded {
+            Some(p) => p,
+            None => Preloaded::load(config, guest_memory)?,
+        };
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
         if config.rng {
             devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
@@ -283,6 +463,9 @@ impl Vmm {
         for (index, disk) in config.disks.iter().enumerate() {
             let block =
                 Block::open_limited(&disk.path, disk.read_only, &disk.id, index, disk.rate_limit)?;
+            devices
+                .block_controls
+                .push((disk.id.clone(), block.control()));
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -295,6 +478,7 @@ impl Vmm {
             let tap = Tap::open(&net.tap)?;
             let mac = net.mac.unwrap_or_else(|| default_mac(index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
+            devices.net_controls.push(device.control());
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
@@ -329,7 +513,7 @@ impl Vmm {
             .map_err(|e| VmmError::VmSetup("report the supported CPUID", e))?;
         let template_msrs = match template {
             Some(t) => t.msr_entries(|_| None).map_err(|e| VmmError::CpuTemplate {
-                path: config.cpu_template.clone().unwrap_or_default(),
+                path: PathBuf::from("cpu template"),
                 source: Box::new(e),
             })?,
             None => Vec::new(),
@@ -395,15 +579,33 @@ impl Vmm {
     }
 
     /// Starts the vCPUs and runs the event loop until the guest resets or fails. Guest
-    /// console input is read from `console_in` when given.
-    pub fn run(mut self, console_in: Option<RawFd>) -> Result<VmOutcome, VmmError> {
+    /// console input is read from `console_in` when given; API requests are served when
+    /// `api` is given.
+    pub fn run(
+        mut self,
+        console_in: Option<RawFd>,
+        mut api: Option<ApiContext>,
+    ) -> Result<VmOutcome, VmmError> {
         crate::vcpu::register_kick_handler()?;
         let mut handles = Vec::new();
         for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
             handles.push(vcpu.start(requests)?);
         }
-        let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_events_evt, console_in)?;
+        if let Some(reply) = api.as_mut().and_then(|a| a.start_reply.take()) {
+            let _ = reply.send(Ok(VmmData::Empty));
+        }
+        let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_evt_clone()?, console_in)?;
+        if let Some(api) = &api {
+            event_loop.watch(api.receiver.evt.as_raw_fd(), TOKEN_API)?;
+        }
+        event_loop.api = api;
         event_loop.run(&self.devices, &self.vcpu_events, &handles)
+    }
+
+    fn vcpu_evt_clone(&self) -> Result<EventFd, VmmError> {
+        self.vcpu_events_evt
+            .try_clone()
+            .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))
     }
 }
 
@@ -411,6 +613,10 @@ const TOKEN_RESET: u64 = 1;
 const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
+const TOKEN_API: u64 = 5;
+
+/// How long pausing or resuming waits for every vCPU to answer.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The main thread's epoll loop.
 struct EventLoop {
@@ -423,6 +629,12 @@ struct EventLoop {
     stuck_checks: u32,
     /// Answers to the current progress check, by vCPU.
     progress: BTreeMap<u8, bool>,
+    /// API requests, when the VM is driven by the API.
+    api: Option<ApiContext>,
+    /// The vCPUs are paused.
+    paused: bool,
+    /// How the VM ended, noticed while serving a request.
+    outcome: Option<VmOutcome>,
 }
 
 impl EventLoop {
@@ -457,7 +669,20 @@ impl EventLoop {
             pending_input: Vec::new(),
             stuck_checks: 0,
             progress: BTreeMap::new(),
+            api: None,
+            paused: false,
+            outcome: None,
         })
+    }
+
+    fn watch(&self, fd: RawFd, token: u64) -> Result<(), VmmError> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(|e| VmmError::EventLoop("watch the API channel", e))
     }
 
     fn run(
@@ -496,6 +721,12 @@ impl EventLoop {
                         }
                     }
                     TOKEN_STDIN => self.read_stdin(devices)?,
+                    TOKEN_API => {
+                        self.serve_api(devices, vcpu_events, vcpus);
+                        if let Some(outcome) = self.outcome.take() {
+                            return Ok(outcome);
+                        }
+                    }
                     TOKEN_SERIAL_ROOM => {
                         let _ = devices.serial_input_room_evt.read();
                         self.feed_serial(devices)?;
@@ -505,6 +736,9 @@ impl EventLoop {
             }
             if Instant::now() >= next_check {
                 next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
+                if self.paused {
+                    continue;
+                }
                 self.progress.clear();
                 for vcpu in vcpus {
                     vcpu.request(VcpuRequest::CheckProgress);
@@ -513,8 +747,211 @@ impl EventLoop {
         }
     }
 
+    /// Answers the waiting API requests.
+    fn serve_api(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) {
+        let Some(requests) = self.api.as_ref().map(|a| a.receiver.drain()) else {
+            return;
+        };
+        for request in requests {
+            let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus);
+            let _ = request.reply.send(answer);
+        }
+    }
+
+    /// An API action on the running VM.
+    fn runtime_action(
+        &mut self,
+        action: VmmAction,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) -> ActionResult {
+        let state = if self.paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let Some(api) = self.api.as_ref() else {
+            return Err(ActionError::VmmGone);
+        };
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(
+                crate::controller::instance_info(&api.instance_id, state),
+            )),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(api.resources.machine.clone()))
+            }
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(api.resources.full_config()))),
+            VmmAction::Pause => {
+                self.set_paused(true, vcpu_events, vcpus)?;
+                tracing::info!("vCPUs paused");
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Resume => {
+                self.set_paused(false, vcpu_events, vcpus)?;
+                tracing::info!("vCPUs resumed");
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SendCtrlAltDel => {
+                devices
+                    .i8042
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .trigger_ctrl_alt_del();
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics
+            | VmmAction::GetPrometheusMetrics
+            | VmmAction::PutMetrics(_) => crate::controller::metrics_action(),
+            VmmAction::PatchDrive(id, patch) => {
+                self.patch_drive(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNet(id, patch) => {
+                self.patch_net(devices, &id, patch)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::InstanceStart => Err(ActionError::State(
+                "InstanceStart: the microVM is already running".into(),
+            )),
+            VmmAction::PutMachineConfig(_) | VmmAction::PatchMachineConfig(_) => Err(
+                ActionError::PreBootOnly("changing the machine configuration"),
+            ),
+            VmmAction::PutBootSource(_) => Err(ActionError::PreBootOnly("PUT /boot-source")),
+            VmmAction::PutCpuConfig(_) => Err(ActionError::PreBootOnly("PUT /cpu-config")),
+            VmmAction::PutDrive(..) => Err(ActionError::PreBootOnly("PUT /drives")),
+            VmmAction::PutNet(..) => Err(ActionError::PreBootOnly("PUT /network-interfaces")),
+            VmmAction::PutVsock(_) => Err(ActionError::PreBootOnly("PUT /vsock")),
+            VmmAction::PutEntropy(_) => Err(ActionError::PreBootOnly("PUT /entropy")),
+            VmmAction::PutLogger(_) => Err(ActionError::PreBootOnly("PUT /logger")),
+        }
+    }
+
+    /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.
+    fn patch_drive(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialDrive,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let control = devices
+            .block_controls
+            .iter()
+            .find(|(d, _)| d == id)
+            .map(|(_, c)| c)
+            .ok_or_else(|| ActionError::State(format!("drive_id: no drive {id:?}")))?;
+        let limiter = patch.rate_limiter;
+        if let Some(rl) = &limiter {
+            check_rate_limiter("rate_limiter", Some(rl))?;
+        }
+        if let Some(path) = &patch.path_on_host {
+            control
+                .swap_file(path)
+                .map_err(|e| ActionError::Failed(format!("path_on_host: {}", error_chain(&e))))?;
+        }
+        if let Some(rl) = limiter {
+            control.set_rate_limit(rl.to_config());
+        }
+        if let Some(drive) = api.resources.drives.iter_mut().find(|d| d.drive_id == id) {
+            if let Some(path) = patch.path_on_host {
+                drive.path_on_host = Some(path);
+            }
+            if limiter.is_some() {
+                drive.rate_limiter = limiter;
+            }
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}`: replaces the rate limiters.
+    fn patch_net(
+        &mut self,
+        devices: &DeviceManager,
+        id: &str,
+        patch: PartialNetworkInterface,
+    ) -> Result<(), ActionError> {
+        let api = self.api.as_mut().ok_or(ActionError::VmmGone)?;
+        let index = api
+            .resources
+            .nets
+            .iter()
+            .position(|n| n.iface_id == id)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        let control = devices
+            .net_controls
+            .get(index)
+            .ok_or_else(|| ActionError::State(format!("iface_id: no network interface {id:?}")))?;
+        check_rate_limiter("rx_rate_limiter", patch.rx_rate_limiter.as_ref())?;
+        check_rate_limiter("tx_rate_limiter", patch.tx_rate_limiter.as_ref())?;
+        let net = &mut api.resources.nets[index];
+        if let Some(rl) = patch.rx_rate_limiter {
+            control.set_rx_rate_limit(rl.to_config());
+            net.rx_rate_limiter = Some(rl);
+        }
+        if let Some(rl) = patch.tx_rate_limiter {
+            control.set_tx_rate_limit(rl.to_config());
+            net.tx_rate_limiter = Some(rl);
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes every vCPU and waits until each has answered.
+    fn set_paused(
+        &mut self,
+        pause: bool,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+    ) -> Result<(), ActionError> {
+        if self.paused == pause {
+            return Ok(());
+        }
+        let request = if pause {
+            VcpuRequest::Pause
+        } else {
+            VcpuRequest::Resume
+        };
+        for vcpu in vcpus {
+            vcpu.request(request);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < vcpus.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = vcpu_events.recv_timeout(left).map_err(|_| {
+                ActionError::Failed(format!(
+                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
+                    answered.len(),
+                    vcpus.len()
+                ))
+            })?;
+            match event {
+                VcpuEvent::Paused { id } if pause => {
+                    answered.insert(id);
+                }
+                VcpuEvent::Resumed { id } if !pause => {
+                    answered.insert(id);
+                }
+                other => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        self.paused = pause;
+        Ok(())
+    }
+
     fn on_vcpu_event(&mut self, event: VcpuEvent, vcpu_count: usize) -> Option<VmOutcome> {
         match event {
+            VcpuEvent::Paused { .. } | VcpuEvent::Resumed { .. } => None,
             VcpuEvent::Stopped { id, reason } => Some(match reason {
                 VcpuStop::GuestReset => VmOutcome::Reset,
                 VcpuStop::TripleFault => {

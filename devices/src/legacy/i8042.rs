@@ -109,6 +109,22 @@ impl I8042 {
         }
     }
 
+    /// Presses and releases Ctrl+Alt+Del on the keyboard, as the host's "send Ctrl-Alt-Del"
+    /// action does; the codes are scan code set 1 when the controller translates (as Linux
+    /// sets it up) and set 2 otherwise.
+    pub fn trigger_ctrl_alt_del(&mut self) {
+        // Ctrl, Alt, Del (extended) pressed, then released in reverse order.
+        const SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+        const SET2: [u8; 11] = [
+            0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+        ];
+        if self.control & CTR_TRANSLATE != 0 {
+            self.push_from_keyboard(&SET1);
+        } else {
+            self.push_from_keyboard(&SET2);
+        }
+    }
+
     fn read_data(&mut self) -> u8 {
         let byte = self.output.pop_front().unwrap_or(0);
         if self.output.is_empty() {
@@ -278,6 +294,16 @@ mod tests {
         dev.write(DATA, &[0xf4]);
         assert!(irq.read().is_err());
         assert_eq!(read(&mut dev, DATA), KBD_ACK);
+    }
+
+    #[test]
+    fn ctrl_alt_del_arrives_as_scan_codes_with_an_interrupt() {
+        let (mut dev, _reset, irq) = device();
+        dev.trigger_ctrl_alt_del();
+        assert_eq!(irq.read().unwrap(), 1);
+        let bytes: Vec<u8> = (0..8).map(|_| read(&mut dev, DATA)).collect();
+        assert_eq!(bytes, [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
     }
 
     #[test]

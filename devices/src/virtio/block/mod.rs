@@ -6,6 +6,7 @@ pub mod request;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
@@ -20,7 +21,7 @@ use super::{
     driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker, take_queues,
     ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
-use crate::rate_limiter::{RateLimiterConfig, Throttle};
+use crate::rate_limiter::{LimiterUpdate, RateLimiterConfig, Throttle};
 
 /// Errors of opening a disk.
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +45,73 @@ pub enum BlockError {
     },
 }
 
+/// Changes a block device while the VM runs: swap its backing file (the guest is told the
+/// new capacity with a configuration interrupt) or its rate limits.
+#[derive(Debug, Clone)]
+pub struct BlockControl {
+    disk: Arc<Mutex<Disk>>,
+    /// Capacity in sectors, as the configuration space reports it.
+    capacity: Arc<AtomicU64>,
+    /// The interrupt, once the driver activated the device.
+    interrupt: Arc<Mutex<Option<Interrupt>>>,
+    limit: LimiterUpdate,
+}
+
+impl BlockControl {
+    /// Replaces the backing file with the raw image at `path` (opened as the old one was,
+    /// read-only or not). Requests in flight finish on the old file.
+    pub fn swap_file(&self, path: &Path) -> Result<(), BlockError> {
+        let read_only = self
+            .disk
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read_only;
+        let (file, len) = open_image(path, read_only)?;
+        {
+            let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
+            disk.file = file;
+            disk.capacity_bytes = len;
+        }
+        self.capacity.store(len / SECTOR_SIZE, Ordering::SeqCst);
+        if let Some(interrupt) = &*self.interrupt.lock().unwrap_or_else(|p| p.into_inner()) {
+            interrupt.signal_config_change();
+        }
+        tracing::info!(path = %path.display(), bytes = len, "virtio-blk backing file swapped");
+        Ok(())
+    }
+
+    /// Replaces the rate limits.
+    pub fn set_rate_limit(&self, config: RateLimiterConfig) {
+        self.limit.request(config);
+    }
+}
+
+/// Opens a raw image and checks it is whole sectors; returns it and its length.
+fn open_image(path: &Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let fail = |source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(fail)?;
+    let len = file.metadata().map_err(fail)?.len();
+    if len % SECTOR_SIZE != 0 {
+        return Err(BlockError::Unaligned {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
+    Ok((file, len))
+}
+
 /// A virtio block device.
 #[derive(Debug)]
 pub struct Block {
     disk: Arc<Mutex<Disk>>,
-    config: [u8; 8],
+    control: BlockControl,
     features: u64,
     index: usize,
     rate_limit: RateLimiterConfig,
@@ -56,6 +119,11 @@ pub struct Block {
 }
 
 impl Block {
+    /// A handle to change the device while the VM runs.
+    pub fn control(&self) -> BlockControl {
+        self.control.clone()
+    }
+
     /// Opens the raw image at `path` (read-only when `read_only`); `id` is what GET_ID
     /// returns, `index` names the worker thread.
     pub fn open(path: &Path, read_only: bool, id: &str, index: usize) -> Result<Self, BlockError> {
@@ -70,40 +138,25 @@ impl Block {
         index: usize,
         rate_limit: RateLimiterConfig,
     ) -> Result<Self, BlockError> {
-        let file: File = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let len = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        if len % SECTOR_SIZE != 0 {
-            return Err(BlockError::Unaligned {
-                path: path.to_path_buf(),
-                len,
-            });
-        }
+        let (file, len) = open_image(path, read_only)?;
         let mut features = 1u64 << VIRTIO_BLK_F_FLUSH;
         if read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
+        let disk = Arc::new(Mutex::new(Disk {
+            file,
+            capacity_bytes: len,
+            read_only,
+            id: id.to_string(),
+        }));
         Ok(Self {
-            disk: Arc::new(Mutex::new(Disk {
-                file,
-                capacity_bytes: len,
-                read_only,
-                id: id.to_string(),
-            })),
-            // Config space: capacity in 512-byte sectors (le64); nothing else is offered.
-            config: (len / SECTOR_SIZE).to_le_bytes(),
+            control: BlockControl {
+                disk: disk.clone(),
+                capacity: Arc::new(AtomicU64::new(len / SECTOR_SIZE)),
+                interrupt: Arc::new(Mutex::new(None)),
+                limit: LimiterUpdate::default(),
+            },
+            disk,
             features,
             index,
             rate_limit,
@@ -123,6 +176,7 @@ struct BlockIo {
     mem: GuestMemoryMmap,
     disk: Arc<Mutex<Disk>>,
     throttle: Option<Throttle>,
+    limit_update: LimiterUpdate,
 }
 
 impl BlockIo {
@@ -137,6 +191,7 @@ impl BlockIo {
             }
         };
         if let Some(throttle) = &mut self.throttle {
+            self.limit_update.apply(throttle);
             if !throttle.admit(request.data_bytes() as u64) {
                 return None;
             }
@@ -203,7 +258,9 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        // Config space: capacity in 512-byte sectors (le64); nothing else is offered.
+        let config = self.control.capacity.load(Ordering::SeqCst).to_le_bytes();
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -212,17 +269,20 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let [queue] = take_queues::<1>(ctx.queues)?;
+        *self
+            .control
+            .interrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(ctx.interrupt.clone());
         let handler = BlockHandler {
             queue,
             interrupt: ctx.interrupt,
             io: BlockIo {
                 mem: ctx.mem,
                 disk: self.disk.clone(),
-                throttle: if self.rate_limit.is_unlimited() {
-                    None
-                } else {
-                    Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?)
-                },
+                // Always present, so limits set while the VM runs have a timer to use.
+                throttle: Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?),
+                limit_update: self.control.limit.clone(),
             },
         };
         let worker = Worker::spawn(format!("anvil-blk{}", self.index), ctx.queue_evts, handler)

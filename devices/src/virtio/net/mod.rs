@@ -23,7 +23,7 @@ use super::{
     check_avail_index, driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker,
     take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
-use crate::rate_limiter::{RateLimiterConfig, Throttle};
+use crate::rate_limiter::{LimiterUpdate, RateLimiterConfig, Throttle};
 
 /// Largest frame the device moves: a 64 KiB TSO segment, its Ethernet header and the
 /// virtio-net header.
@@ -62,10 +62,16 @@ pub struct Net {
     metrics: Arc<NetMetrics>,
     rx_rate: RateLimiterConfig,
     tx_rate: RateLimiterConfig,
+    control: NetControl,
     worker: Option<Worker>,
 }
 
 impl Net {
+    /// A handle to change the device while the VM runs.
+    pub fn control(&self) -> NetControl {
+        self.control.clone()
+    }
+
     /// A device on `tap` with the guest MAC address `mac`; `index` names the worker thread.
     pub fn new(tap: Tap, mac: [u8; 6], index: usize) -> Self {
         Self::new_limited(
@@ -103,6 +109,7 @@ impl Net {
             metrics: Arc::new(NetMetrics::default()),
             rx_rate,
             tx_rate,
+            control: NetControl::default(),
             worker: None,
         }
     }
@@ -144,6 +151,26 @@ struct NetHandler {
     rx_buffers: bool,
     rx_throttle: Option<Throttle>,
     tx_throttle: Option<Throttle>,
+    control: NetControl,
+}
+
+/// Changes a network device's rate limits while the VM runs.
+#[derive(Debug, Clone, Default)]
+pub struct NetControl {
+    rx: LimiterUpdate,
+    tx: LimiterUpdate,
+}
+
+impl NetControl {
+    /// Replaces the limits on what the guest receives.
+    pub fn set_rx_rate_limit(&self, config: RateLimiterConfig) {
+        self.rx.request(config);
+    }
+
+    /// Replaces the limits on what the guest sends.
+    pub fn set_tx_rate_limit(&self, config: RateLimiterConfig) {
+        self.tx.request(config);
+    }
 }
 
 /// The host fds a network device's worker watches.
@@ -154,10 +181,8 @@ enum WatchedFd {
     TxTimer,
 }
 
+/// Always present, so limits set while the VM runs have a timer to use.
 fn throttle(config: RateLimiterConfig) -> Result<Option<Throttle>, ActivateError> {
-    if config.is_unlimited() {
-        return Ok(None);
-    }
     Throttle::new(config)
         .map(Some)
         .map_err(ActivateError::Worker)
@@ -171,6 +196,9 @@ impl NetHandler {
     /// Sends every chain on the transmit queue to the tap.
     fn transmit(&mut self) -> Result<(), String> {
         let mem = self.mem.clone();
+        if let Some(t) = &mut self.tx_throttle {
+            self.control.tx.apply(t);
+        }
         let (throttle, frame, tap, metrics) = (
             &mut self.tx_throttle,
             &mut self.frame,
@@ -268,6 +296,7 @@ impl NetHandler {
             check_avail_index(&mut self.rx, &mem)?;
             check_avail_index(&mut self.rx, &mem)?;
             if let Some(t) = &mut self.rx_throttle {
+                self.control.rx.apply(t);
                 if !t.admit((len - VNET_HDR_LEN) as u64) {
                     // The frame waits; the tap is not read until the timer fires.
                     self.pending = Some(len);
@@ -422,6 +451,7 @@ impl VirtioDevice for Net {
             rx_buffers: true,
             rx_throttle: throttle(self.rx_rate)?,
             tx_throttle: throttle(self.tx_rate)?,
+            control: self.control.clone(),
         };
         let worker = Worker::spawn(format!("anvil-net{}", self.index), ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;

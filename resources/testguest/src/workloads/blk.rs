@@ -21,7 +21,8 @@
 //! `blk_verify=ok`, `blk_read_us=<n>`; read-only: `blk_ro_write=ioerr`, `blk_read=ok`; both:
 //! `blk_sum=<16 hex>` and `blk_sum_bytes=<n>`, the FNV-1a-64 of the first MiB (or less on a
 //! smaller disk) as read back; then the result. A status other than the expected one is printed
-//! by name (`ok`, `ioerr`, `unsupp` or the number) and fails the run.
+//! by name (`ok`, `ioerr`, `unsupp` or the number) and fails the run. With `tg.blk_watch_ms`
+//! it then waits for the host to swap the disk (see `watch`).
 
 use super::{fnv1a, param, param_opt, FNV_OFFSET};
 use crate::bootinfo::BootInfo;
@@ -410,7 +411,46 @@ pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
     };
     crate::tg!("blk_sum={sum:016x}");
     crate::tg!("blk_sum_bytes={sum_bytes}");
+    if let Some(ms) = param_opt(params, "blk_watch_ms") {
+        watch(&mut blk, window, capacity, ms.saturating_mul(khz));
+    }
     exit::pass()
+}
+
+/// `tg.blk_watch_ms=N`: prints `blk_watching`, then waits up to N ms for the host to change
+/// the disk (a swapped backing file): prints `blk_capacity_changed=<sectors>` and
+/// `blk_config_irq=<0|1>` (whether the configuration-change interrupt bit was set), then
+/// `blk_new_sum=<16 hex>`, the FNV-1a-64 of the new disk's first sector.
+fn watch(blk: &mut Blk, window: u64, capacity: u64, ticks: u64) {
+    // Interrupt status bit 1: configuration change (4.2.2.1).
+    const ISR_CONFIG: u32 = 2;
+    let _ = blk.dev.ack_interrupt();
+    crate::tg!("blk_watching");
+    let deadline = io::rdtsc().saturating_add(ticks);
+    let mut config_irq = false;
+    loop {
+        config_irq |= blk.dev.ack_interrupt() & ISR_CONFIG != 0;
+        let now = blk.dev.config_u64(CFG_CAPACITY);
+        if now != capacity {
+            crate::tg!("blk_capacity_changed={now}");
+            crate::tg!("blk_config_irq={}", u8::from(config_irq));
+            break;
+        }
+        if io::rdtsc() > deadline {
+            exit::fail(format_args!("blk capacity did not change"));
+        }
+        time::wait_until(io::rdtsc().saturating_add(ticks / 1000 + 1));
+    }
+    let segs = layout(window, 0, SECTOR, blk.seg_max);
+    poison(&segs);
+    let s = blk.request_or_fail(T_IN, 0, &segs, true);
+    if s != S_OK {
+        exit::fail(format_args!(
+            "blk read of the new disk status={}",
+            status_name(s)
+        ));
+    }
+    crate::tg!("blk_new_sum={:016x}", hash(FNV_OFFSET, &segs, 0, SECTOR));
 }
 
 /// GET_ID into the scratch page: prints the serial (printable ASCII up to the first NUL).

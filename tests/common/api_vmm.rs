@@ -1,0 +1,157 @@
+//! An anvil-vmm process in Firecracker mode (`--api-sock`), its console and log collected
+//! while it runs, for the API tests of both lanes.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use api_server::client::Client;
+
+use super::anvil_vmm;
+
+/// An anvil-vmm process in Firecracker mode, its console output collected as it comes.
+pub struct ApiVmm {
+    pub child: Child,
+    /// stdout (the guest console) and stderr (the log), kept apart so lines do not mix.
+    streams: [Arc<Mutex<String>>; 2],
+    socket: PathBuf,
+}
+
+impl ApiVmm {
+    pub fn spawn(args: &[&str]) -> Self {
+        let socket = args
+            .iter()
+            .position(|a| *a == "--api-sock")
+            .map(|i| PathBuf::from(args[i + 1]))
+            .unwrap_or_default();
+        let mut child = Command::new(anvil_vmm())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let streams = [
+            Arc::new(Mutex::new(String::new())),
+            Arc::new(Mutex::new(String::new())),
+        ];
+        for (stream, output) in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ]
+        .into_iter()
+        .zip(streams.clone())
+        {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    output
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Self {
+            child,
+            streams,
+            socket,
+        }
+    }
+
+    /// Connects once the socket answers.
+    pub fn client(&self) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(c) = Client::connect(&self.socket) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "API socket never answered; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The console and then the log.
+    pub fn output(&self) -> String {
+        let out = self.streams[0].lock().unwrap().clone();
+        out + &self.streams[1].lock().unwrap()
+    }
+
+    /// The guest console alone.
+    pub fn console(&self) -> String {
+        // Complete lines only: the guest may be half-way through one.
+        let text = self.streams[0].lock().unwrap().clone();
+        match text.rfind('\n') {
+            Some(end) => text[..=end].to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Waits until `cond` holds for the output.
+    pub fn wait_for(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        self.wait_for_within(what, Duration::from_secs(20), cond);
+    }
+
+    /// Waits up to `timeout` until `cond` holds for the output.
+    pub fn wait_for_within(&self, what: &str, timeout: Duration, cond: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond(&self.output()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The last `TG count=` the guest printed.
+    pub fn count(&self) -> u64 {
+        super::tg_lines(&self.console())
+            .iter()
+            .filter(|(k, _)| k == "count")
+            .filter_map(|(_, v)| v.parse().ok())
+            .next_back()
+            .unwrap_or(0)
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self) -> i32 {
+        self.wait_exit_within(Duration::from_secs(20))
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its status code.
+    pub fn wait_exit_within(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the readers catch the last bytes.
+                std::thread::sleep(Duration::from_millis(50));
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "anvil-vmm did not exit; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ApiVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

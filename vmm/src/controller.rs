@@ -1,0 +1,235 @@
+//! The VMM side of the API before the guest starts: requests build up [`VmResources`] until
+//! `InstanceStart` (or a configuration file) builds the VM, which then serves the requests
+//! that make sense for a running VM from its event loop.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::VmConfig;
+use crate::vmm::PreparedVm;
+
+use crate::resources::VmResources;
+use crate::rpc::{
+    ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
+};
+use crate::vmm::{ApiContext, VmOutcome, Vmm, VmmError};
+
+/// anvil's version, as `GET /` and `GET /version` report it.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `GET /` for the given state.
+pub fn instance_info(id: &str, state: VmState) -> InstanceInfo {
+    InstanceInfo {
+        app_name: "anvil".to_string(),
+        id: id.to_string(),
+        state,
+        vmm_version: VMM_VERSION.to_string(),
+    }
+}
+
+/// Builds the VM described by `resources`, from `prepared` where it fits.
+fn build(
+    resources: &VmResources,
+    start: Instant,
+    prepared: Option<PreparedVm>,
+) -> Result<Vmm, ActionError> {
+    let config = resources.vm_config()?;
+    if crate::kvm::host_emulates_guest_kernel() {
+        tracing::warn!(
+            "this host's KVM (kvm_pvm) emulates guest kernel code: a Linux guest will boot very slowly here"
+        );
+    }
+    Vmm::build_from(&config, start, prepared).map_err(|e| ActionError::Start(error_chain(&e)))
+}
+
+/// What a VM is prepared for ahead of InstanceStart: the machine and the boot files.
+#[derive(Debug, Clone, PartialEq)]
+struct PrepareSpec {
+    kvm_device: PathBuf,
+    mem_size_mib: u64,
+    vcpu_count: u8,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+}
+
+/// Prepares the VM on a helper thread while the client is still configuring it, so that
+/// InstanceStart finds the KVM VM, its memory and the loaded kernel ready (see
+/// [`PreparedVm`]). A change to the machine or the boot source starts a new preparation;
+/// the old one is dropped when its thread ends.
+#[derive(Debug, Default)]
+struct Preparer {
+    current: Option<(PrepareSpec, JoinHandle<Result<PreparedVm, VmmError>>)>,
+}
+
+impl Preparer {
+    fn update(&mut self, resources: &VmResources) {
+        let Ok(vcpu_count) = crate::config::validate_vcpu_count(resources.machine.vcpu_count)
+        else {
+            return;
+        };
+        let spec = PrepareSpec {
+            kvm_device: resources
+                .kvm_device
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/dev/kvm")),
+            mem_size_mib: resources.machine.mem_size_mib,
+            vcpu_count,
+            kernel: resources
+                .boot_source
+                .as_ref()
+                .map(|b| b.kernel_image_path.clone())
+                .unwrap_or_default(),
+            initrd: resources
+                .boot_source
+                .as_ref()
+                .and_then(|b| b.initrd_path.clone()),
+        };
+        if self.current.as_ref().is_some_and(|(s, _)| *s == spec) {
+            return;
+        }
+        let config = VmConfig {
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            vcpu_count,
+            mem_size_mib: spec.mem_size_mib,
+            kvm_device: spec.kvm_device.clone(),
+            ..VmConfig::default()
+        };
+        match std::thread::Builder::new()
+            .name("anvil-prepare".into())
+            .spawn(move || PreparedVm::new(&config))
+        {
+            Ok(handle) => self.current = Some((spec, handle)),
+            Err(e) => {
+                tracing::debug!("cannot start preparing the VM: {e}");
+                self.current = None;
+            }
+        }
+    }
+
+    /// The prepared VM, waiting for the preparation to finish; `None` if it failed (the
+    /// build then fails with the real error or succeeds from scratch).
+    fn take(&mut self) -> Option<PreparedVm> {
+        let (_, handle) = self.current.take()?;
+        match handle.join() {
+            Ok(Ok(prepared)) => Some(prepared),
+            Ok(Err(e)) => {
+                tracing::debug!("preparing the VM failed: {}", error_chain(&e));
+                None
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// Applies an action that is valid before the VM starts.
+fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> ActionResult {
+    match action {
+        VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
+            id,
+            VmState::NotStarted,
+        ))),
+        VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(resources.machine.clone())),
+        VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(resources.full_config()))),
+        VmmAction::PutMachineConfig(m) => empty(resources.set_machine_config(m)),
+        VmmAction::PatchMachineConfig(u) => empty(resources.update_machine_config(u)),
+        VmmAction::PutBootSource(b) => empty(resources.set_boot_source(b)),
+        VmmAction::PutCpuConfig(c) => empty(resources.set_cpu_config(c)),
+        VmmAction::PutDrive(path_id, d) => empty(resources.put_drive(&path_id, d)),
+        VmmAction::PutNet(path_id, n) => empty(resources.put_net(&path_id, n)),
+        VmmAction::PutVsock(v) => empty(resources.set_vsock(v)),
+        VmmAction::PutEntropy(e) => empty(resources.set_entropy(e)),
+        VmmAction::PutLogger(l) => {
+            crate::logger::configure(&l).map_err(|e| ActionError::Failed(error_chain(&e)))?;
+            resources.logger = Some(l);
+            Ok(VmmData::Empty)
+        }
+        VmmAction::PutMetrics(_) | VmmAction::FlushMetrics | VmmAction::GetPrometheusMetrics => {
+            metrics_action()
+        }
+        VmmAction::PatchDrive(..) => Err(ActionError::PostBootOnly("PATCH /drives")),
+        VmmAction::PatchNet(..) => Err(ActionError::PostBootOnly("PATCH /network-interfaces")),
+        VmmAction::SendCtrlAltDel => Err(ActionError::PostBootOnly("SendCtrlAltDel")),
+        VmmAction::Pause | VmmAction::Resume => Err(ActionError::PostBootOnly("PATCH /vm")),
+        VmmAction::InstanceStart => unreachable!("InstanceStart is handled by the caller"),
+    }
+}
+
+/// Metrics actions; the metrics system is wired in by the metrics work.
+pub fn metrics_action() -> ActionResult {
+    Err(ActionError::Failed(
+        "metrics are not available in this build".into(),
+    ))
+}
+
+fn empty(r: Result<(), crate::resources::ResourceError>) -> ActionResult {
+    r.map(|()| VmmData::Empty).map_err(ActionError::from)
+}
+
+/// Serves API requests on the calling thread until `InstanceStart` succeeds, then runs the
+/// VM (still serving requests) until it stops. With `boot_now` the VM is built from the
+/// resources at once (a configuration file).
+pub fn run(
+    mut resources: VmResources,
+    api: Option<ApiReceiver>,
+    instance_id: &str,
+    boot_now: bool,
+    console_in: Option<std::os::fd::RawFd>,
+    start: Instant,
+) -> Result<VmOutcome, VmmError> {
+    let (vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
+        let vmm = build(&resources, start, None).map_err(|e| VmmError::Api(e.to_string()))?;
+        (vmm, None)
+    } else {
+        let Some(api) = api.as_ref() else {
+            return Err(VmmError::Api(
+                "nothing to boot: no configuration file and no API socket".into(),
+            ));
+        };
+        let mut preparer = Preparer::default();
+        preparer.update(&resources);
+        loop {
+            let Ok(request) = api.rx.recv() else {
+                return Err(VmmError::Api("the API server stopped".into()));
+            };
+            if request.action == VmmAction::InstanceStart {
+                match build(&resources, start, preparer.take()) {
+                    Ok(vmm) => break (vmm, Some(request.reply)),
+                    Err(e) => {
+                        tracing::warn!("InstanceStart failed: {e}");
+                        let _ = request.reply.send(Err(e));
+                        preparer.update(&resources);
+                    }
+                }
+            } else {
+                let answer = handle_pre_boot(&mut resources, instance_id, request.action);
+                if answer.is_ok() {
+                    preparer.update(&resources);
+                }
+                // A client that hung up needs no answer.
+                let _ = request.reply.send(answer);
+            }
+        }
+    };
+    let context = api.map(|receiver| ApiContext {
+        receiver,
+        resources,
+        instance_id: instance_id.to_string(),
+        start_reply,
+    });
+    vmm.run(console_in, context)
+}
