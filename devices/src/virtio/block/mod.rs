@@ -11,15 +11,15 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
-use self::request::{Disk, RequestError, RequestKind, SECTOR_SIZE, STATUS_OK};
+use self::request::{Disk, Request, RequestError, RequestKind, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext, ActivateError,
-    Interrupt, VirtioDevice,
+    driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker, take_queues,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
 use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{LimiterUpdate, RateLimiterConfig, Throttle};
@@ -183,17 +183,15 @@ struct BlockHandler {
 struct BlockIo {
     mem: GuestMemoryMmap,
     disk: Arc<Mutex<Disk>>,
-    bounce: Vec<u8>,
     throttle: Option<Throttle>,
     limit_update: LimiterUpdate,
     metrics: Arc<BlockMetrics>,
 }
 
 impl BlockIo {
-    fn count(&self, outcome: &request::Outcome) {
+    fn count(&self, kind: Option<RequestKind>, result: &Result<usize, RequestError>, bytes: u64) {
         let m = &self.metrics;
-        let bytes = outcome.disk_bytes as u64;
-        match (&outcome.kind, &outcome.result) {
+        match (&kind, result) {
             (Some(RequestKind::In), Ok(_)) => {
                 m.read_count.inc();
                 m.read_bytes.add(bytes);
@@ -212,50 +210,35 @@ impl BlockIo {
     /// Runs one request; returns the used length (data written plus the status byte, 0 when
     /// the chain has no room for a status byte), or `None` when the rate limiter refused it.
     fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<u32> {
-        let (mut reader, mut writer) = match (
-            Reader::new(&self.mem, chain.clone()),
-            Writer::new(&self.mem, chain),
-        ) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => {
-                tracing::debug!("virtio-blk: chain outside guest memory");
+        let request = match Request::parse(&self.mem, chain) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("virtio-blk: {e}");
                 return Some(0);
             }
         };
-        let writable = writer.available_bytes();
-        if writable == 0 {
-            tracing::debug!("virtio-blk: request without a status byte");
-            return Some(0);
-        }
         if let Some(throttle) = &mut self.throttle {
             self.limit_update.apply(throttle);
-            // Data bytes: everything but the 16-byte header and the status byte.
-            let bytes = (reader.available_bytes().saturating_sub(16) + writable - 1) as u64;
-            if !throttle.admit(bytes) {
+            if !throttle.admit(request.data_bytes() as u64) {
                 self.metrics.rate_limiter_throttled_events.inc();
                 return None;
             }
         }
-        let Ok(mut status_writer) = writer.split_at(writable - 1) else {
-            return Some(0);
-        };
         let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let outcome = request::run(&mut disk, &mut reader, &mut writer, &mut self.bounce);
+        let kind = request.kind();
+        let result = request.execute(&mut disk);
         drop(disk);
-        self.count(&outcome);
-        let (status, written) = match outcome.result {
+        self.count(kind, &result, request.data_bytes() as u64);
+        let (status, written) = match result {
             Ok(n) => (STATUS_OK, n),
             Err(e) => {
                 if !matches!(e, RequestError::ReadOnly) {
                     tracing::debug!("virtio-blk: request failed: {e}");
                 }
-                (e.status(), writer.bytes_written())
+                (e.status(), 0)
             }
         };
-        if status_writer.write_obj(status).is_err() {
-            return Some(0);
-        }
-        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        Some(request.complete(status, written))
     }
 }
 
@@ -268,7 +251,9 @@ impl QueueHandler for BlockHandler {
         self.io.metrics.queue_event_count.inc();
         let mem = self.io.mem.clone();
         // A request the rate limiter refused is retried when its timer fires.
-        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))? {
+        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))?
+            && driver_wants_interrupt(&self.queue, &mem)
+        {
             self.interrupt.signal_used_queue();
         }
         Ok(())
@@ -331,7 +316,6 @@ impl VirtioDevice for Block {
             io: BlockIo {
                 mem: ctx.mem,
                 disk: self.disk.clone(),
-                bounce: Vec::new(),
                 // Always present, so limits set while the VM runs have a timer to use.
                 throttle: Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?),
                 limit_update: self.control.limit.clone(),
