@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vmm::config::{
     parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE,
 };
-use vmm::{BootProtocolChoice, VmConfig, VmOutcome, Vmm};
+use vmm::{BootProtocolChoice, SeccompLevel, VmConfig, VmOutcome, Vmm};
 
 /// Exit status when the guest reset or powered off.
 const EXIT_OK: u8 = 0;
@@ -216,6 +216,25 @@ struct BootArgs {
     /// connections to host port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC")]
     vsock: Option<String>,
+
+    /// Seccomp filtering of the VMM's threads (Firecracker's flag): 0 none, 1 syscall numbers,
+    /// 2 syscall numbers and arguments.
+    #[arg(
+        long,
+        value_name = "0|1|2",
+        default_value = "2",
+        allow_hyphen_values = true
+    )]
+    seccomp_level: String,
+
+    /// Turn seccomp off (the same as --seccomp-level 0).
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// Write Firecracker-style JSON metrics lines to this existing file or named pipe (every
+    /// 60 s and when the VM stops).
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
 }
 
 /// Prints `error` and its causes on one line.
@@ -287,6 +306,24 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
             .map(VsockConfig::parse)
             .transpose()
             .map_err(|e| format!("invalid --vsock: {e}"))?,
+        seccomp_level: if args.no_seccomp {
+            SeccompLevel::None
+        } else {
+            args.seccomp_level
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| {
+                    format!(
+                        "invalid --seccomp-level {:?}: expected 0, 1 or 2",
+                        args.seccomp_level
+                    )
+                })
+                .and_then(|n| {
+                    SeccompLevel::from_number(n)
+                        .map_err(|e| format!("invalid --seccomp-level: {e}"))
+                })?
+        },
+        metrics_path: args.metrics_path,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
@@ -335,6 +372,12 @@ fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, 
         Some(path) => read_config_file(path)?,
         None => vmm::resources::VmResources::default(),
     };
+    let seccomp_level = match (args.no_seccomp, args.seccomp_level) {
+        (true, _) => SeccompLevel::None,
+        (false, Some(n)) => SeccompLevel::from_number(u64::from(n)).map_err(|e| error_line(&e))?,
+        (false, None) => SeccompLevel::default(),
+    };
+    resources.seccomp_level = seccomp_level;
     if let Some(path) = &args.metrics_path {
         resources.metrics = Some(vmm::resources::Metrics {
             metrics_path: path.clone(),
@@ -353,7 +396,14 @@ fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, 
         let guard = SocketGuard(path);
         let (sender, receiver) =
             vmm::rpc::api_channel().map_err(|e| format!("cannot create the API channel: {e}"))?;
-        api_server::spawn(listener, sender, Box::new(|| ())).map_err(|e| error_line(&e))?;
+        // The API thread filters itself before it reads a request.
+        let on_start = Box::new(move || {
+            if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Api, seccomp_level) {
+                eprintln!("anvil-vmm: error: {}", error_line(&e));
+                std::process::exit(i32::from(EXIT_ERROR));
+            }
+        });
+        api_server::spawn(listener, sender, on_start).map_err(|e| error_line(&e))?;
         tracing::info!(socket = %guard.0.display(), "API server listening");
         (Some(receiver), Some(guard))
     };

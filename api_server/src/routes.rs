@@ -264,5 +264,15 @@ pub fn router(api: Api) -> Router {
         .route("/snapshot/load", put(load_snapshot))
         .fallback(invalid_path)
         .method_not_allowed_fallback(invalid_path)
+        .layer(axum::middleware::from_fn(count_request))
         .with_state(api)
+}
+
+/// Counts every request, by method, path family and status, in the VMM's API metrics.
+async fn count_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().as_str().to_string();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    vmm::metrics::api().record(&method, &path, response.status().as_u16());
+    response
 }

@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod log;
+pub mod metrics;
 pub mod rate_limiter;
 pub mod virtio;
 

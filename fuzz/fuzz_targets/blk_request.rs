@@ -3,13 +3,13 @@
 //! The input is decoded into a queue layout (descriptor table, indirect table, available
 //! ring, request header, data; see `anvil_fuzz::QueueLayout`) written into guest memory.
 //! Chains are popped with virtio-queue exactly as the block worker does
-//! (`BlockHandler::process_queue` / `handle` in devices/src/virtio/block/mod.rs) and run
-//! through `devices::virtio::block::request::execute` against a memfd-backed disk.
+//! (`BlockHandler::process_queue` / `BlockIo::handle` in devices/src/virtio/block/mod.rs) and run
+//! through `devices::virtio::block::request::Request` against a memfd-backed disk.
 //!
 //! Asserts: no panic; the status byte is OK, IOERR or UNSUPP and lands in the chain's last
 //! writable byte; the used length never exceeds the chain's writable bytes; successful requests
 //! move exactly the bytes they should; read-only disks are never written; the disk's size never
-//! changes; at most queue-size chains are popped per pass (no endless loop).
+//! changes; only successful writes change its content; at most queue-size chains are popped per pass (no endless loop).
 
 #![no_main]
 
@@ -17,10 +17,10 @@ use std::os::unix::fs::FileExt;
 
 use anvil_fuzz::{guest_memory, memfd, QueueLayout};
 use devices::virtio::block::request::{
-    self, Disk, RequestError, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    ChainError, Disk, Request, RequestError, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, QueueT, Reader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const ID: &str = "fuzz-serial-0123456789abcdef";
@@ -35,56 +35,47 @@ struct Outcome {
     used_len: u32,
 }
 
-/// Mirrors `BlockHandler::handle`; returns None where the device returns used length 0
-/// without touching the chain.
+/// Mirrors `BlockIo::handle`; returns None where the device returns used length 0 without
+/// touching the chain.
 fn handle(
     mem: &GuestMemoryMmap,
     disk: &mut Disk,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    bounce: &mut Vec<u8>,
 ) -> Option<Outcome> {
-    let (mut reader, mut writer) = match (
-        Reader::new(mem, chain.clone()),
-        Writer::new(mem, chain.clone()),
-    ) {
-        (Ok(r), Ok(w)) => (r, w),
-        _ => return None,
-    };
-    let writable = writer.available_bytes();
-    if writable == 0 {
-        return None;
-    }
-    // The status byte goes to the last byte of the last non-empty writable buffer. Taken
-    // before the request runs: the chain may overlay its own descriptor table, and walking it
-    // again would read what the request wrote there.
-    let last = chain
-        .clone()
-        .writable()
-        .filter(|d| d.len() > 0)
-        .last()
-        .expect("a writable byte exists");
-    let mut status_writer = writer.split_at(writable - 1).ok()?;
-    let readable = reader.available_bytes();
-    let header_type: Option<u32> = {
-        let mut r = reader.clone();
+    // Taken before the request runs: the chain may overlay its own descriptor table, and
+    // walking it again would read what the request wrote there.
+    let readable: usize = chain.clone().readable().map(|d| d.len() as usize).sum();
+    let writable: usize = chain.clone().writable().map(|d| d.len() as usize).sum();
+    // The status byte goes to the last byte of the last non-empty writable buffer.
+    let last = chain.clone().writable().filter(|d| d.len() > 0).last();
+    let header_type: Option<u32> = Reader::new(mem, chain.clone()).ok().and_then(|mut r| {
         r.read_obj::<[u8; 16]>()
             .ok()
             .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]))
+    });
+    let request = match Request::parse(mem, chain) {
+        Ok(r) => r,
+        Err(ChainError::NoStatus) => {
+            assert_eq!(writable, 0, "a chain with a writable byte has a status");
+            return None;
+        }
+        Err(_) => return None,
     };
-    let data_len = writer.available_bytes();
+    let last = last.expect("a parsed request has a writable byte");
+    let data_len = request.writable_bytes();
     assert_eq!(data_len, writable - 1);
+    let before = snapshot(disk);
 
-    let result = request::execute(disk, &mut reader, &mut writer, bounce);
+    let result = request.execute(disk);
     let (status, written) = match &result {
         Ok(n) => (STATUS_OK, *n),
-        Err(e) => (e.status(), writer.bytes_written()),
+        Err(e) => (e.status(), 0),
     };
     assert!(
         [STATUS_OK, STATUS_IOERR, STATUS_UNSUPP].contains(&status),
         "status {status}"
     );
     assert!(written <= data_len, "wrote {written} of {data_len} bytes");
-    assert_eq!(written, writer.bytes_written(), "returned count is what was written");
 
     match (&result, header_type) {
         (Err(RequestError::NoHeader), h) => assert!(h.is_none() && readable < 16),
@@ -93,7 +84,6 @@ fn handle(
         (Ok(n), Some(T_OUT)) => {
             assert_eq!(*n, 0);
             assert!(!disk.read_only, "write to a read-only disk succeeded");
-            assert_eq!(reader.available_bytes(), 0, "a write consumes its data");
         }
         (Ok(n), Some(T_FLUSH)) => assert_eq!(*n, 0),
         (Ok(n), Some(T_GET_ID)) => assert_eq!(*n, data_len.min(20)),
@@ -111,14 +101,21 @@ fn handle(
             );
         }
     }
+    if header_type != Some(T_OUT) || result.is_err() {
+        assert!(snapshot(disk) == before, "only a successful write changes the disk");
+    }
 
-    status_writer.write_obj(status).ok()?;
+    let used_len = request.complete(status, written);
     let at = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
     assert_eq!(mem.read_obj::<u8>(at).ok(), Some(status));
-    Some(Outcome {
-        status,
-        used_len: u32::try_from(written + 1).unwrap_or(u32::MAX),
-    })
+    Some(Outcome { status, used_len })
+}
+
+/// The disk's content.
+fn snapshot(disk: &Disk) -> Vec<u8> {
+    let mut now = vec![0u8; usize::try_from(disk.capacity_bytes).expect("small disk")];
+    disk.file.read_exact_at(&mut now, 0).expect("disk read");
+    now
 }
 
 fuzz_target!(|input: &[u8]| {
@@ -136,7 +133,6 @@ fuzz_target!(|input: &[u8]| {
         read_only: layout.read_only,
         id: ID.to_string(),
     };
-    let mut bounce = Vec::new();
 
     let mut popped = 0u32;
     while let Some(chain) = queue.pop_descriptor_chain(&mem) {
@@ -151,7 +147,7 @@ fuzz_target!(|input: &[u8]| {
             .writable()
             .map(|d| u64::from(d.len()))
             .sum();
-        let outcome = handle(&mem, &mut disk, chain, &mut bounce);
+        let outcome = handle(&mem, &mut disk, chain);
         let used_len = outcome.as_ref().map_or(0, |o| o.used_len);
         assert!(
             u64::from(used_len) <= writable_total,

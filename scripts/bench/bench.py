@@ -10,11 +10,18 @@
     scripts/bench/bench.py memory [--runs 5] [--qemu ...] [--firecracker PATH]
         resident memory of the VMM process minus the resident part of guest memory, sampled after
         the test guest has booted and is running its `counter` workload.
-    scripts/bench/bench.py blk [--runs 5]
+    scripts/bench/bench.py blk [--runs 5] [--qemu qemu-system-x86_64]
         virtio-blk through KVM with the test guest's polling driver (`tg.blk_bench=1`: one request
         in flight, no pattern work in the timed loops) on a raw file, sequential 1 MiB and 4 KiB
         requests, beside fio doing the same on the host
-        against the same file (psync, one job, buffered like anvil's backend).
+        against the same file (psync, one job, buffered like anvil's backend), and the same guest
+        under QEMU's microvm with a virtio-blk-device on the same file when given.
+    scripts/bench/bench.py net [--runs 5] [--qemu qemu-system-x86_64]
+        virtio-net transmit through KVM: the test guest (`tg.net_bench=1`) sends 256 MiB of
+        1514-byte and 32 MiB of 64-byte broadcast frames to a tap the script creates, beside a host
+        program writing the same frames to the same tap (`cargo build --release -p devices
+        --example tap_blast`), and the same guest under QEMU's microvm (virtio-net-device on
+        the tap, no vhost) when given. Needs root.
     scripts/bench/bench.py linux [--runs 10] [--firecracker PATH]
         spawn to the Linux guest's `anvil-guest: init ready` line, 1 and 2 vCPUs, anvil beside
         Firecracker. Run it where KVM runs Linux; on a PVM host wrap it in the L1 machine:
@@ -35,8 +42,9 @@ import tempfile
 import time
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-ANVIL = os.path.join(REPO, "target", "release", "anvil-vmm")
-TESTGUEST = os.path.join(REPO, "target", "release", "anvil-testguest")
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+ANVIL = os.path.join(TARGET, "release", "anvil-vmm")
+TESTGUEST = os.path.join(TARGET, "release", "anvil-testguest")
 GUEST_DIR = os.environ.get("ANVIL_GUEST_DIR", os.path.join(REPO, "..", "shared", "guest"))
 TIMEOUT_S = 120
 
@@ -255,36 +263,140 @@ def fio(path, rw, bs, size_mib):
     return side["bw_bytes"], side["iops"]
 
 
+def qemu_virtio_cmdline():
+    """virtio_mmio.device= words for every transport of QEMU's microvm machine (24 windows of
+    512 bytes from 0xfeb00000): QEMU adds them itself only for Linux kernels, and the test
+    guest skips the empty ones (device ID 0)."""
+    return " ".join(f"virtio_mmio.device=512@{0xfeb00000 + i * 512:#x}:12" for i in range(24))
+
+
+def qemu_virtio_cmd(qemu, cmdline, devices, mem_mib=512):
+    """QEMU microvm running the test guest with modern virtio-mmio `devices` (-device args)."""
+    cmd = qemu_cmd(qemu, TESTGUEST, f"{cmdline} {qemu_virtio_cmdline()}", mem_mib=mem_mib)
+    return cmd + ["-global", "virtio-mmio.force-legacy=false"] + devices
+
+
+def tg_values(out):
+    return dict(l[3:].split("=", 1) for l in out.splitlines() if l.startswith("TG ") and "=" in l)
+
+
+def run_tg(cmd, what):
+    """Runs a test-guest benchmark to completion; its `TG key=value` lines, or None."""
+    out, err = finish(spawn(cmd))
+    tg = tg_values(out)
+    if tg.get("result") != "pass":
+        name = os.path.basename(cmd[0])
+        FAILURES[name] = FAILURES.get(name, 0) + 1
+        print(f"  ({name} {what} run failed: {tg.get('result')} "
+              f"{(err.strip().splitlines() or ['no output'])[-1]})")
+        return None
+    return tg
+
+
 def bench_blk(args):
     with tempfile.TemporaryDirectory(dir="/var/tmp") as work:
         disk = os.path.join(work, "disk.img")
         results = {}
         for label, req_kib, mib in (("1 MiB requests", 1024, 256), ("4 KiB requests", 4, 64)):
+            # Written out once, so that no run pays for allocating the file's blocks.
             with open(disk, "wb") as f:
-                f.truncate(mib << 20)
-            rows = {"anvil write": [], "anvil read": [], "fio write": [], "fio read": []}
+                for _ in range(mib):
+                    f.write(b"\0" * (1 << 20))
+            rows = {f"{who} {op}": [] for who in ("anvil", "qemu", "fio") for op in ("write", "read")}
+            cmdline = f"tg.run=blk tg.blk_bench=1 tg.blk_req_kib={req_kib} tg.blk_mib={mib}"
             for _ in range(args.runs):
-                proc = spawn([ANVIL, "boot", "--kernel", TESTGUEST, "--memory", "512M",
-                              "--cmdline",
-                              f"tg.run=blk tg.blk_bench=1 tg.blk_req_kib={req_kib} tg.blk_mib={mib}",
-                              "--disk", f"path={disk}"])
-                out, _ = finish(proc)
-                tg = dict(l[3:].split("=", 1) for l in out.splitlines() if l.startswith("TG ") and "=" in l)
-                moved = int(tg["blk_bench_bytes"])
-                rows["anvil write"].append(moved / (int(tg["blk_bench_write_us"]) / 1e6))
-                rows["anvil read"].append(moved / (int(tg["blk_bench_read_us"]) / 1e6))
+                vmms = [("anvil", [ANVIL, "boot", "--kernel", TESTGUEST, "--memory", "512M",
+                                   "--cmdline", cmdline, "--disk", f"path={disk}"])]
+                if args.qemu:
+                    # The same page-cache-backed raw file, I/O on QEMU's thread pool.
+                    vmms.append(("qemu", qemu_virtio_cmd(args.qemu, cmdline, [
+                        "-drive", f"id=d0,file={disk},format=raw,if=none,cache=writeback,aio=threads",
+                        "-device", "virtio-blk-device,drive=d0"])))
+                for who, cmd in vmms:
+                    tg = run_tg(cmd, "blk")
+                    if tg is None:
+                        continue
+                    moved = int(tg["blk_bench_bytes"])
+                    rows[f"{who} write"].append(moved / (int(tg["blk_bench_write_us"]) / 1e6))
+                    rows[f"{who} read"].append(moved / (int(tg["blk_bench_read_us"]) / 1e6))
                 bs = f"{req_kib}k"
                 rows["fio write"].append(fio(disk, "write", bs, mib)[0])
                 rows["fio read"].append(fio(disk, "read", bs, mib)[0])
-            results[label] = (req_kib, {k: statistics.median(v) for k, v in rows.items()})
+            results[label] = (req_kib, {k: statistics.median(v) for k, v in rows.items() if v},
+                              {k: len(v) for k, v in rows.items()})
         print("\nvirtio-blk through KVM (test guest, one request in flight) against fio on the host, "
               "same file, medians")
-        for label, (req_kib, med) in results.items():
+        for label, (req_kib, med, n) in results.items():
             for op in ("write", "read"):
-                a, h = med[f"anvil {op}"], med[f"fio {op}"]
-                print(f"  {label:<15} {op:<5}  anvil {a / 2**20:8.1f} MiB/s "
-                      f"({a / (req_kib * 1024):9.0f} IOPS)   host fio {h / 2**20:8.1f} MiB/s "
-                      f"({h / (req_kib * 1024):9.0f} IOPS)   anvil/host = {a / h:.2f}")
+                h = med[f"fio {op}"]
+                for who in ("anvil", "qemu"):
+                    a = med.get(f"{who} {op}")
+                    if a is None:
+                        continue
+                    print(f"  {label:<15} {op:<5}  {who:<5} {a / 2**20:8.1f} MiB/s "
+                          f"({a / (req_kib * 1024):9.0f} IOPS)   host fio {h / 2**20:8.1f} MiB/s "
+                          f"({h / (req_kib * 1024):9.0f} IOPS)   {who}/host = {a / h:.2f}"
+                          f"  n={n[f'{who} {op}']}")
+                if f"qemu {op}" in med:
+                    print(f"  {'':<15} {op:<5}  anvil/qemu = {med[f'anvil {op}'] / med[f'qemu {op}']:.2f}")
+
+
+class BenchTap:
+    """A tap made for the benchmark (IPv6 off, link up); deleted on exit."""
+
+    def __init__(self):
+        self.name = f"anvbn{os.getpid() % 100000}"
+
+    def __enter__(self):
+        subprocess.run(["ip", "tuntap", "add", "dev", self.name, "mode", "tap"], check=True)
+        with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+            f.write("1")
+        subprocess.run(["ip", "link", "set", self.name, "up"], check=True)
+        return self.name
+
+    def __exit__(self, *exc):
+        subprocess.run(["ip", "link", "del", self.name], check=False)
+
+
+def bench_net(args):
+    blast = os.path.join(TARGET, "release", "examples", "tap_blast")
+    if not os.path.exists(blast):
+        sys.exit(f"{blast} is missing: run cargo build --release -p devices --example tap_blast")
+    with BenchTap() as tap:
+        results = {}
+        for frame, mib in ((1514, 256), (64, 32)):
+            rows = {"anvil": [], "qemu": [], "host": []}
+            cmdline = f"tg.run=net tg.net_bench=1 tg.net_bench_mib={mib} tg.net_frame={frame}"
+            for _ in range(args.runs):
+                vmms = [("anvil", [ANVIL, "boot", "--kernel", TESTGUEST, "--memory", "128M",
+                                   "--cmdline", cmdline, "--net", f"tap={tap}"])]
+                if args.qemu:
+                    vmms.append(("qemu", qemu_virtio_cmd(args.qemu, cmdline, [
+                        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+                        "-device", "virtio-net-device,netdev=n0"], mem_mib=128)))
+                for who, cmd in vmms:
+                    tg = run_tg(cmd, "net")
+                    if tg is not None:
+                        rows[who].append(int(tg["net_bench_bytes"]) / (int(tg["net_bench_us"]) / 1e6))
+                out = subprocess.run([blast, tap, str(frame), str(mib)], capture_output=True,
+                                     text=True, check=True).stdout
+                h = tg_values("\n".join("TG " + l for l in out.splitlines()))
+                rows["host"].append(int(h["host_bench_bytes"]) / (int(h["host_bench_us"]) / 1e6))
+            results[frame] = {k: (statistics.median(v), len(v)) for k, v in rows.items() if v}
+        print(f"\nvirtio-net transmit through KVM (test guest, 256 MiB of 1514-byte or 32 MiB of 64-byte broadcast frames to a "
+              "tap, dropped by the host stack) against a host program writing the same frames to "
+              "the same tap, medians")
+        for frame, med in results.items():
+            h = med["host"][0]
+            for who in ("anvil", "qemu"):
+                if who not in med:
+                    continue
+                a, n = med[who]
+                print(f"  {frame:>5}-byte frames  {who:<5} {a / 2**20:8.1f} MiB/s "
+                      f"({a / frame / 1e3:7.0f} kframes/s)   host {h / 2**20:8.1f} MiB/s "
+                      f"({h / frame / 1e3:7.0f} kframes/s)   {who}/host = {a / h:.2f}  n={n}")
+            if "qemu" in med:
+                print(f"  {frame:>5}-byte frames  anvil/qemu = {med['anvil'][0] / med['qemu'][0]:.2f}")
 
 
 def bench_linux(args):
@@ -311,7 +423,7 @@ def bench_linux(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["startup", "boot", "memory", "linux", "blk"])
+    parser.add_argument("what", choices=["startup", "boot", "memory", "linux", "blk", "net"])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--qemu", help="qemu-system-x86_64 binary for the peer run")
     parser.add_argument("--firecracker", help="firecracker binary for the peer run")
@@ -328,7 +440,7 @@ def main():
     print(f"# {args.what}: commit {subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
           f"{os.uname().nodename}, {os.cpu_count()} CPUs, kvm_pvm={'yes' if os.path.isdir('/sys/module/kvm_pvm') else 'no'}")
     {"startup": bench_startup, "boot": bench_boot, "memory": bench_memory,
-     "linux": bench_linux, "blk": bench_blk}[args.what](args)
+     "linux": bench_linux, "blk": bench_blk, "net": bench_net}[args.what](args)
     if FAILURES:
         print(f"failed runs (left out of the figures): {FAILURES}")
 

@@ -61,6 +61,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// How strictly seccomp filters the VMM's threads (on by default).
+    pub seccomp_level: crate::seccomp::SeccompLevel,
+    /// A file or named pipe for Firecracker-style metrics lines.
+    pub metrics_path: Option<PathBuf>,
     /// KVM logs the pages the guest dirties (for diff snapshots).
     pub track_dirty_pages: bool,
 }
@@ -120,6 +124,9 @@ pub struct NetConfig {
     pub rx_rate: RateLimiterConfig,
     /// Limits on what the guest sends.
     pub tx_rate: RateLimiterConfig,
+    /// The interface's ID (the API's `iface_id`), naming it in metrics; `eth<index>` when
+    /// absent.
+    pub id: Option<String>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -172,6 +179,7 @@ impl NetConfig {
             mac,
             rx_rate,
             tx_rate,
+            id: None,
         })
     }
 }
@@ -290,6 +298,8 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            seccomp_level: crate::seccomp::SeccompLevel::default(),
+            metrics_path: None,
             track_dirty_pages: false,
         }
     }
@@ -589,6 +599,7 @@ mod tests {
                 mac: Some([0x52, 0x54, 0, 0xaa, 0xbb, 1]),
                 rx_rate: RateLimiterConfig::default(),
                 tx_rate: RateLimiterConfig::default(),
+                id: None,
             })
         );
         assert_eq!(NetConfig::parse("tap=t").map(|n| n.mac), Ok(None));
@@ -613,6 +624,7 @@ mod tests {
             mac,
             rx_rate: RateLimiterConfig::default(),
             tx_rate: RateLimiterConfig::default(),
+            id: None,
         };
         let mut config = VmConfig {
             nets: vec![net("a", None), net("a", None)],

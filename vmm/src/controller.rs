@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::config::VmConfig;
+use crate::metrics::MetricsWriter;
 use crate::vmm::{MemorySource, PreparedVm};
 
 use crate::resources::{
@@ -197,16 +198,23 @@ fn load_snapshot(
         .unwrap_or_else(|| PathBuf::from("/dev/kvm"));
     let track = params.enable_diff_snapshots || params.track_dirty_pages;
     let mut saved = VmResources::from_saved(full);
+    saved.seccomp_level = resources.seccomp_level;
     let config = saved.vm_config()?;
-    let vmm = Vmm::restore(&state, &config, &mem_file, &kvm_device, track, start)
+    let mut vmm = Vmm::restore(&state, &config, &mem_file, &kvm_device, track, start)
         .map_err(|e| fail(&e))?;
+    vmm.set_seccomp_level(resources.seccomp_level);
     saved.kvm_device = resources.kvm_device.clone();
     saved.machine.track_dirty_pages = track;
     Ok((vmm, saved))
 }
 
 /// Applies an action that is valid before the VM starts.
-fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> ActionResult {
+fn handle_pre_boot(
+    resources: &mut VmResources,
+    metrics: &mut Option<MetricsWriter>,
+    id: &str,
+    action: VmmAction,
+) -> ActionResult {
     match action {
         VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
             id,
@@ -227,9 +235,28 @@ fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> 
             resources.logger = Some(l);
             Ok(VmmData::Empty)
         }
-        VmmAction::PutMetrics(_) | VmmAction::FlushMetrics | VmmAction::GetPrometheusMetrics => {
-            metrics_action()
+        VmmAction::PutMetrics(m) => {
+            if metrics.is_some() {
+                return Err(ActionError::State(
+                    "the metrics system is already initialized".into(),
+                ));
+            }
+            let writer = MetricsWriter::open(&m.metrics_path)
+                .map_err(|e| ActionError::Failed(error_chain(&e)))?;
+            *metrics = Some(writer);
+            resources.metrics = Some(m);
+            Ok(VmmData::Empty)
         }
+        VmmAction::FlushMetrics => match metrics {
+            Some(writer) => writer
+                .flush(None)
+                .map(|()| VmmData::Empty)
+                .map_err(|e| ActionError::Failed(error_chain(&e))),
+            None => Err(ActionError::State(
+                "FlushMetrics: no metrics path is configured".into(),
+            )),
+        },
+        VmmAction::GetPrometheusMetrics => Ok(VmmData::Text(crate::metrics::prometheus(None))),
         VmmAction::PatchDrive(..) => Err(ActionError::PostBootOnly("PATCH /drives")),
         VmmAction::PatchNet(..) => Err(ActionError::PostBootOnly("PATCH /network-interfaces")),
         VmmAction::SendCtrlAltDel => Err(ActionError::PostBootOnly("SendCtrlAltDel")),
@@ -239,13 +266,6 @@ fn handle_pre_boot(resources: &mut VmResources, id: &str, action: VmmAction) -> 
             unreachable!("InstanceStart and LoadSnapshot are handled by the caller")
         }
     }
-}
-
-/// Metrics actions; the metrics system is wired in by the metrics work.
-pub fn metrics_action() -> ActionResult {
-    Err(ActionError::Failed(
-        "metrics are not available in this build".into(),
-    ))
 }
 
 fn empty(r: Result<(), crate::resources::ResourceError>) -> ActionResult {
@@ -263,8 +283,16 @@ pub fn run(
     console_in: Option<std::os::fd::RawFd>,
     start: Instant,
 ) -> Result<VmOutcome, VmmError> {
+    crate::metrics::api()
+        .process_startup_time_us
+        .set(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
+    let mut metrics = resources
+        .metrics
+        .as_ref()
+        .map(|m| MetricsWriter::open(&m.metrics_path))
+        .transpose()?;
     let mut start_paused = false;
-    let (vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
+    let (mut vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
         let vmm = build(&resources, start, None).map_err(|e| VmmError::Api(e.to_string()))?;
         (vmm, None)
     } else {
@@ -303,7 +331,8 @@ pub fn run(
                     }
                 }
             } else {
-                let answer = handle_pre_boot(&mut resources, instance_id, request.action);
+                let answer =
+                    handle_pre_boot(&mut resources, &mut metrics, instance_id, request.action);
                 if answer.is_ok() {
                     preparer.update(&resources);
                 }
@@ -312,6 +341,7 @@ pub fn run(
             }
         }
     };
+    vmm.set_metrics_writer(metrics);
     let context = api.map(|receiver| ApiContext {
         receiver,
         resources,

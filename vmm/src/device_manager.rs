@@ -85,6 +85,8 @@ pub struct DeviceManager {
     /// Virtio-mmio devices placed so far: their windows and GSIs, as the ACPI DSDT and the
     /// kernel command line describe them.
     pub virtio_devices: Vec<VirtioMmioDevice>,
+    /// The boot timer's measurement: microseconds from start to the guest's boot signal.
+    pub boot_time_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
@@ -147,9 +149,11 @@ impl DeviceManager {
         pio_bus
             .insert(cmos.clone(), u64::from(CMOS_PORT), 2)
             .map_err(|e| DeviceError::Bus("CMOS RTC", e))?;
+        let boot_timer = BootTimer::new(start);
+        let boot_time_us = boot_timer.boot_time_us();
         pio_bus
             .insert(
-                Arc::new(Mutex::new(BootTimer::new(start))),
+                Arc::new(Mutex::new(boot_timer)),
                 u64::from(BOOT_TIMER_PORT),
                 1,
             )
@@ -167,6 +171,7 @@ impl DeviceManager {
             net_controls: Vec::new(),
             transports: Vec::new(),
             virtio_devices: Vec::new(),
+            boot_time_us,
         })
     }
 

@@ -10,11 +10,14 @@ pub mod kvm;
 pub mod loader;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod resources;
 pub mod rpc;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
+pub use seccomp::SeccompLevel;
 pub use vmm::{ApiContext, MemorySource, PreparedVm, VmOutcome, Vmm, VmmError};

@@ -678,6 +678,8 @@ pub struct VmResources {
     pub metrics: Option<Metrics>,
     /// The KVM device node.
     pub kvm_device: Option<PathBuf>,
+    /// Seccomp filtering of the VM's threads (a command-line choice, not an API resource).
+    pub seccomp_level: crate::seccomp::SeccompLevel,
 }
 
 impl VmResources {
@@ -739,6 +741,7 @@ impl VmResources {
             logger: full.logger,
             metrics: full.metrics,
             kvm_device: None,
+            seccomp_level: crate::seccomp::SeccompLevel::default(),
         }
     }
 
@@ -1018,6 +1021,7 @@ impl VmResources {
                 mac: n.guest_mac.as_deref().and_then(parse_mac),
                 rx_rate: n.rx_rate_limiter.unwrap_or_default().to_config(),
                 tx_rate: n.tx_rate_limiter.unwrap_or_default().to_config(),
+                id: Some(n.iface_id.clone()),
             })
             .collect();
         let config = VmConfig {
@@ -1042,6 +1046,9 @@ impl VmResources {
                 guest_cid: v.guest_cid,
                 uds_path: v.uds_path.clone(),
             }),
+            seccomp_level: self.seccomp_level,
+            // The controller opens the metrics output itself (PUT /metrics comes before boot).
+            metrics_path: None,
             track_dirty_pages: self.machine.track_dirty_pages,
         };
         config.validate()?;

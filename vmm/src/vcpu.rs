@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -15,6 +16,9 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::metrics::VcpuMetrics;
+use crate::seccomp::{SeccompError, ThreadFilters, ThreadKind};
 
 /// Unclaimed guest accesses logged before rate limiting starts.
 const UNCLAIMED_LOG_FIRST: u64 = 8;
@@ -146,6 +150,7 @@ pub struct Vcpu {
     start: Instant,
     /// Guest accesses no device claimed.
     unclaimed_count: u64,
+    metrics: Arc<VcpuMetrics>,
     /// The MSRs KVM saves, for snapshots.
     msr_list: std::sync::Arc<Vec<u32>>,
 }
@@ -200,8 +205,14 @@ impl Vcpu {
             requests,
             start,
             unclaimed_count: 0,
+            metrics: Arc::default(),
             msr_list: std::sync::Arc::new(Vec::new()),
         }
+    }
+
+    /// Counts this vCPU's exits in `metrics` (registered with the VM's metrics registry).
+    pub fn set_metrics(&mut self, metrics: Arc<VcpuMetrics>) {
+        self.metrics = metrics;
     }
 
     /// Sets the MSRs saved in snapshots.
@@ -216,12 +227,27 @@ impl Vcpu {
             .map_err(|e| crate::controller::error_chain(&e))
     }
 
-    /// Starts the vCPU thread.
-    pub fn start(self, requests: Sender<VcpuRequest>) -> Result<VcpuHandle, VcpuError> {
+    /// Starts the vCPU thread. The thread installs `filters` first and reports the outcome on
+    /// `ready`; it enters the guest only once `go` says so, and ends if `go` is dropped.
+    pub fn start(
+        self,
+        requests: Sender<VcpuRequest>,
+        filters: ThreadFilters,
+        ready: Sender<Result<(), SeccompError>>,
+        go: Receiver<()>,
+    ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("anvil-vcpu{id}"))
-            .spawn(move || self.run())
+            .spawn(move || {
+                let installed = crate::seccomp::install_filters(ThreadKind::Vcpu, &filters);
+                let ok = installed.is_ok();
+                // The receiver lives until every vCPU answered; if it is gone, `go` is too.
+                let _ = ready.send(installed);
+                if ok && go.recv().is_ok() {
+                    self.run();
+                }
+            })
             .map_err(|e| VcpuError::Spawn(id, e))?;
         Ok(VcpuHandle {
             id,
@@ -273,40 +299,57 @@ impl Vcpu {
         let run_ptr: *const kvm_run = self.fd.get_kvm_run();
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                self.metrics.exit_io_out.inc();
                 // SAFETY: `run_ptr` points at this vCPU's `kvm_run` mapping, alive as long as
                 // `self.fd`; the exit reason is KVM_EXIT_IO, so the `io` union member is the
                 // valid one, and it does not overlap the data area `data` borrows.
                 let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
                 for chunk in data.chunks(size.max(1)) {
                     if !self.pio_bus.write(u64::from(port), chunk) {
-                        note_unclaimed(&mut self.unclaimed_count, self.id, "port write", u64::from(port));
+                        note_unclaimed(
+                            &mut self.unclaimed_count,
+                            self.id,
+                            "port write",
+                            u64::from(port),
+                        );
                     }
                 }
                 None
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                self.metrics.exit_io_in.inc();
                 // SAFETY: as for IoOut above.
                 let size = usize::from(unsafe { (*run_ptr).__bindgen_anon_1.io.size });
                 for chunk in data.chunks_mut(size.max(1)) {
                     if !self.pio_bus.read(u64::from(port), chunk) {
-                        note_unclaimed(&mut self.unclaimed_count, self.id, "port read", u64::from(port));
+                        note_unclaimed(
+                            &mut self.unclaimed_count,
+                            self.id,
+                            "port read",
+                            u64::from(port),
+                        );
                     }
                 }
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.metrics.exit_mmio_read.inc();
                 if !self.mmio_bus.read(addr, data) {
                     note_unclaimed(&mut self.unclaimed_count, self.id, "MMIO read", addr);
                 }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.metrics.exit_mmio_write.inc();
                 if !self.mmio_bus.write(addr, data) {
                     note_unclaimed(&mut self.unclaimed_count, self.id, "MMIO write", addr);
                 }
                 None
             }
-            Ok(VcpuExit::Shutdown) => Some(VcpuStop::TripleFault),
+            Ok(VcpuExit::Shutdown) => {
+                self.metrics.failures.inc();
+                Some(VcpuStop::TripleFault)
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET | kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
                     Some(VcpuStop::GuestReset)
@@ -314,16 +357,25 @@ impl Vcpu {
                 other => Some(VcpuStop::Failed(format!("unexpected system event {other}"))),
             },
             Ok(VcpuExit::Hlt) => {
+                self.metrics.exit_hlt.inc();
                 // With the in-kernel LAPIC, KVM handles HLT itself; this exit means the guest
                 // halted for good.
-                Some(VcpuStop::Failed("guest halted the vCPU outside KVM's LAPIC".into()))
+                Some(VcpuStop::Failed(
+                    "guest halted the vCPU outside KVM's LAPIC".into(),
+                ))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VcpuStop::Failed(format!(
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                self.metrics.failures.inc();
+                Some(VcpuStop::Failed(format!(
                 "KVM could not enter the guest (hardware entry failure reason {reason:#x} on host cpu {cpu})"
-            ))),
-            Ok(VcpuExit::InternalError) => Some(VcpuStop::Failed(
-                "KVM internal error (the guest ran an instruction KVM cannot emulate)".into(),
-            )),
+            )))
+            }
+            Ok(VcpuExit::InternalError) => {
+                self.metrics.failures.inc();
+                Some(VcpuStop::Failed(
+                    "KVM internal error (the guest ran an instruction KVM cannot emulate)".into(),
+                ))
+            }
             Ok(other) => {
                 tracing::warn!(vcpu = self.id, "unhandled vCPU exit {other:?}");
                 None
@@ -333,7 +385,10 @@ impl Vcpu {
                 self.serve_requests();
                 None
             }
-            Err(e) => Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}"))),
+            Err(e) => {
+                self.metrics.failures.inc();
+                Some(VcpuStop::Failed(format!("KVM_RUN failed: {e}")))
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
 use crate::controller::error_chain;
@@ -27,11 +28,13 @@ use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
+use crate::metrics::{MetricsError, MetricsWriter, Registry, PERIODIC_FLUSH};
 use crate::resources::{
     check_rate_limiter, PartialDrive, PartialNetworkInterface, SnapshotCreateParams, SnapshotType,
     VmResources,
 };
 use crate::rpc::{ActionError, ActionResult, ApiReceiver, VmState, VmmAction, VmmData};
+use crate::seccomp::{self, SeccompError, SeccompLevel, ThreadKind};
 use crate::snapshot::state::LegacyState;
 use crate::snapshot::{MicrovmState, VcpuState, VmState as KvmVmState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuRequest, VcpuStop};
@@ -115,6 +118,12 @@ pub enum VmmError {
     /// A vCPU thread failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The metrics output cannot be opened.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// Seccomp filters cannot be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The event loop failed.
     #[error("event loop failure: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
@@ -161,6 +170,7 @@ struct Parts {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+    metrics: Registry,
 }
 
 /// A built VM, ready to run.
@@ -178,6 +188,14 @@ pub struct Vmm {
     vcpu_events: Receiver<VcpuEvent>,
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
+    seccomp_level: SeccompLevel,
+    metrics: Registry,
+    metrics_writer: Option<MetricsWriter>,
+}
+
+/// The name of network interface `index` in metrics: its ID from the API, else `eth<index>`.
+fn net_metrics_id(net: &crate::config::NetConfig, index: usize) -> String {
+    net.id.clone().unwrap_or_else(|| format!("eth{index}"))
 }
 
 /// Where a snapshot's guest memory comes from.
@@ -453,6 +471,11 @@ impl Vmm {
             }
             _ => PreparedVm::new(config)?,
         };
+        let metrics_writer = config
+            .metrics_path
+            .as_deref()
+            .map(MetricsWriter::open)
+            .transpose()?;
         let files = FilesKey::of(config);
         let preloaded = prepared
             .loaded
@@ -478,6 +501,9 @@ impl Vmm {
             vcpu_events: parts.vcpu_events,
             vcpu_events_evt: parts.vcpu_events_evt,
             protocol: parts.protocol,
+            seccomp_level: config.seccomp_level,
+            metrics: parts.metrics,
+            metrics_writer,
         })
     }
 
@@ -497,8 +523,28 @@ impl Vmm {
             None => Preloaded::load(config, guest_memory)?,
         };
         let mut devices = DeviceManager::new(vm, start, Box::new(ConsoleOut))?;
+        let mut metrics = Registry::default();
+        metrics.set_legacy(
+            devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices.boot_time_us.clone(),
+        );
         let mut cmdline = config.cmdline.clone();
-        cmdline.push_str(&Self::add_devices(config, vm, guest_memory, &mut devices)?);
+        cmdline.push_str(&Self::add_devices(
+            config,
+            vm,
+            guest_memory,
+            &mut devices,
+            &mut metrics,
+        )?);
         // The devices are announced to the kernel as Linux's virtio_mmio driver expects.
         for param in devices.virtio_cmdline() {
             cmdline.push(' ');
@@ -577,6 +623,7 @@ impl Vmm {
                 req_rx,
                 start,
             );
+            vcpu.set_metrics(metrics.add_vcpu());
             vcpu.set_msr_list(msr_list.clone());
             vcpus.push(vcpu);
             vcpu_requests.push(req_tx);
@@ -589,6 +636,7 @@ impl Vmm {
             vcpu_events,
             vcpu_events_evt,
             protocol: kernel.protocol,
+            metrics,
         })
     }
 
@@ -603,6 +651,9 @@ impl Vmm {
         track_dirty_pages: bool,
         start: Instant,
     ) -> Result<Self, VmmError> {
+        // Restored devices start their workers below, before the VM runs: they filter
+        // themselves.
+        seccomp::prepare_workers(config.seccomp_level)?;
         let kvm = crate::kvm::open(kvm_device)?;
         let snapshot_error =
             |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
@@ -644,8 +695,22 @@ impl Vmm {
         crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
         let mut devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
+        let mut metrics = Registry::default();
+        metrics.set_legacy(
+            devices
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics(),
+            devices.boot_time_us.clone(),
+        );
         // Disks and taps are reopened by path, in the order they had.
-        Self::add_devices(config, &vm, &guest_memory, &mut devices)?;
+        Self::add_devices(config, &vm, &guest_memory, &mut devices, &mut metrics)?;
         if devices.transports.len() != state.virtio.len() {
             return Err(snapshot_error(format!(
                 "{} virtio devices saved, the configuration has {}",
@@ -680,6 +745,7 @@ impl Vmm {
                 start,
             );
             vcpu.set_msr_list(msr_list.clone());
+            vcpu.set_metrics(metrics.add_vcpu());
             vcpu.restore(saved)
                 .map_err(|why| snapshot_error(format!("vCPU {id}: {why}")))?;
             vcpus.push(vcpu);
@@ -725,7 +791,16 @@ impl Vmm {
             vcpu_events,
             vcpu_events_evt,
             protocol: BootProtocol::Linux64,
+            seccomp_level: config.seccomp_level,
+            metrics,
+            metrics_writer: None,
         })
+    }
+
+    /// Sets how strictly seccomp filters this VM's threads (for a VM restored from a
+    /// snapshot, which the configuration did not build).
+    pub fn set_seccomp_level(&mut self, level: SeccompLevel) {
+        self.seccomp_level = level;
     }
 
     /// Creates the virtio devices of `config` in their fixed order (rng, disks, nets, vsock),
@@ -736,10 +811,13 @@ impl Vmm {
         vm: &VmFd,
         guest_memory: &GuestMemoryMmap,
         devices: &mut DeviceManager,
+        metrics: &mut Registry,
     ) -> Result<String, VmmError> {
         let mut cmdline = String::new();
         if config.rng {
-            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(Rng::new()))?;
+            let rng = Rng::new();
+            metrics.set_entropy(rng.metrics());
+            devices.add_virtio_device(vm, guest_memory, "virtio-rng", Box::new(rng))?;
         }
         for (index, disk) in config.disks.iter().enumerate() {
             let block =
@@ -747,6 +825,7 @@ impl Vmm {
             devices
                 .block_controls
                 .push((disk.id.clone(), block.control()));
+            metrics.add_block(&disk.id, block.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-blk", Box::new(block))?;
             if disk.root {
                 // Disks are probed in command-line order: the first is vda.
@@ -760,10 +839,12 @@ impl Vmm {
             let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap, index));
             let device = Net::new_limited(tap, mac, index, net.rx_rate, net.tx_rate);
             devices.net_controls.push(device.control());
+            metrics.add_net(&net_metrics_id(net, index), device.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-net", Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
+            metrics.set_vsock(device.metrics());
             devices.add_virtio_device(vm, guest_memory, "virtio-vsock", Box::new(device))?;
         }
         Ok(cmdline)
@@ -780,32 +861,77 @@ impl Vmm {
     pub fn run(
         mut self,
         console_in: Option<RawFd>,
-        mut api: Option<ApiContext>,
+        api: Option<ApiContext>,
     ) -> Result<VmOutcome, VmmError> {
         crate::vcpu::register_kick_handler()?;
+        let level = self.seccomp_level;
+        let vcpu_filters = seccomp::filters(ThreadKind::Vcpu, level)?;
+        let vmm_filters = seccomp::filters(ThreadKind::Vmm, level)?;
+        seccomp::prepare_workers(level)?;
+        // Every vCPU thread installs its filter and waits; this thread installs its own; only
+        // then does any vCPU enter the guest.
+        let (ready_tx, ready_rx) = channel();
         let start_paused = api.as_ref().is_some_and(|a| a.start_paused);
         let mut handles = Vec::new();
+        let mut go = Vec::new();
         for (vcpu, requests) in self.vcpus.drain(..).zip(self.vcpu_requests.drain(..)) {
             if start_paused {
                 // Queued before the thread starts: it pauses before its first KVM_RUN.
                 let _ = requests.send(VcpuRequest::Pause);
             }
-            handles.push(vcpu.start(requests)?);
+            let (go_tx, go_rx) = channel();
+            handles.push(vcpu.start(requests, vcpu_filters.clone(), ready_tx.clone(), go_rx)?);
+            go.push(go_tx);
         }
-        if let Some(reply) = api.as_mut().and_then(|a| a.start_reply.take()) {
-            let _ = reply.send(Ok(VmmData::Empty));
+        drop(ready_tx);
+        for _ in &handles {
+            match ready_rx.recv() {
+                Ok(installed) => installed?,
+                Err(_) => {
+                    return Err(VmmError::EventLoop(
+                        "start the vCPUs",
+                        std::io::Error::other("a vCPU thread ended before it was ready"),
+                    ))
+                }
+            }
         }
         let mut event_loop = EventLoop::new(&self.devices, &self.vcpu_evt_clone()?, console_in)?;
         if let Some(api) = &api {
             event_loop.watch(api.receiver.evt.as_raw_fd(), TOKEN_API)?;
         }
         event_loop.api = api;
+        event_loop.set_metrics(
+            std::mem::take(&mut self.metrics),
+            self.metrics_writer.take(),
+        )?;
+        seccomp::install_filters(ThreadKind::Vmm, &vmm_filters)?;
+        if level != SeccompLevel::None {
+            tracing::info!(?level, "seccomp filters installed on every thread");
+        }
+        for go in go {
+            // A vCPU that is gone already reported why; the loop below hears it.
+            let _ = go.send(());
+        }
+        if let Some(reply) = event_loop.api.as_mut().and_then(|a| a.start_reply.take()) {
+            let _ = reply.send(Ok(VmmData::Empty));
+        }
         event_loop.paused = start_paused;
         let machine = Machine {
             vm: &self._vm,
             mem: &self._guest_memory,
         };
-        event_loop.run(&self.devices, &self.vcpu_events, &handles, &machine)
+        let outcome = event_loop.run(&self.devices, &self.vcpu_events, &handles, &machine);
+        // A last line, as Firecracker writes at exit.
+        event_loop.flush_metrics();
+        outcome
+    }
+
+    /// Writes metrics lines to `writer` (replacing any from the configuration): on
+    /// `FlushMetrics`, every [`crate::metrics::PERIODIC_FLUSH`] and when the VM stops.
+    pub fn set_metrics_writer(&mut self, writer: Option<MetricsWriter>) {
+        if writer.is_some() {
+            self.metrics_writer = writer;
+        }
     }
 
     fn vcpu_evt_clone(&self) -> Result<EventFd, VmmError> {
@@ -820,9 +946,12 @@ const TOKEN_VCPU: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
+const TOKEN_METRICS: u64 = 6;
 
 /// How long pausing or resuming waits for every vCPU to answer.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often silent vCPUs are kicked again while the loop waits for their answers.
+const KICK_RETRY: Duration = Duration::from_millis(50);
 
 /// The main thread's epoll loop.
 struct EventLoop {
@@ -841,6 +970,10 @@ struct EventLoop {
     paused: bool,
     /// How the VM ended, noticed while serving a request.
     outcome: Option<VmOutcome>,
+    /// Every counter of the VM.
+    metrics: Registry,
+    /// Where metrics lines go, with the timer of the periodic flush.
+    metrics_out: Option<(MetricsWriter, TimerFd)>,
 }
 
 impl EventLoop {
@@ -878,7 +1011,40 @@ impl EventLoop {
             api: None,
             paused: false,
             outcome: None,
+            metrics: Registry::default(),
+            metrics_out: None,
         })
+    }
+
+    /// Takes the VM's metrics and, with a writer, arms the periodic flush.
+    fn set_metrics(
+        &mut self,
+        metrics: Registry,
+        writer: Option<MetricsWriter>,
+    ) -> Result<(), VmmError> {
+        self.metrics = metrics;
+        if let Some(writer) = writer {
+            let io = |e: vmm_sys_util::errno::Error| std::io::Error::from_raw_os_error(e.errno());
+            let mut timer = TimerFd::new()
+                .map_err(|e| VmmError::EventLoop("create the metrics timer", io(e)))?;
+            timer
+                .reset(PERIODIC_FLUSH, Some(PERIODIC_FLUSH))
+                .map_err(|e| VmmError::EventLoop("arm the metrics timer", io(e)))?;
+            self.watch(timer.as_raw_fd(), TOKEN_METRICS)?;
+            self.metrics_out = Some((writer, timer));
+        }
+        Ok(())
+    }
+
+    /// Writes a metrics line if a writer is set; a failure is logged, not fatal.
+    fn flush_metrics(&mut self) -> bool {
+        let Some((writer, _)) = &mut self.metrics_out else {
+            return false;
+        };
+        if let Err(e) = writer.flush(Some(&self.metrics)) {
+            tracing::warn!("{}", crate::controller::error_chain(&e));
+        }
+        true
     }
 
     fn watch(&self, fd: RawFd, token: u64) -> Result<(), VmmError> {
@@ -937,6 +1103,13 @@ impl EventLoop {
                     TOKEN_SERIAL_ROOM => {
                         let _ = devices.serial_input_room_evt.read();
                         self.feed_serial(devices)?;
+                    }
+                    TOKEN_METRICS => {
+                        if let Some((_, timer)) = &mut self.metrics_out {
+                            // Drain the expiration count; one line however many passed.
+                            let _ = timer.wait();
+                        }
+                        self.flush_metrics();
                     }
                     _ => {}
                 }
@@ -1014,9 +1187,17 @@ impl EventLoop {
                     .trigger_ctrl_alt_del();
                 Ok(VmmData::Empty)
             }
-            VmmAction::FlushMetrics
-            | VmmAction::GetPrometheusMetrics
-            | VmmAction::PutMetrics(_) => crate::controller::metrics_action(),
+            VmmAction::FlushMetrics => {
+                if self.flush_metrics() {
+                    Ok(VmmData::Empty)
+                } else {
+                    Err(ActionError::State(
+                        "FlushMetrics: no metrics path is configured".into(),
+                    ))
+                }
+            }
+            VmmAction::GetPrometheusMetrics => Ok(VmmData::Text(self.metrics.prometheus())),
+            VmmAction::PutMetrics(_) => Err(ActionError::PreBootOnly("PUT /metrics")),
             VmmAction::PatchDrive(id, patch) => {
                 self.patch_drive(devices, &id, patch)?;
                 Ok(VmmData::Empty)
@@ -1108,28 +1289,23 @@ impl EventLoop {
             vcpu.request(VcpuRequest::SaveState);
         }
         let mut states: Vec<Option<VcpuState>> = (0..vcpus.len()).map(|_| None).collect();
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while states.iter().any(Option::is_none) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = vcpu_events.recv_timeout(left).map_err(|_| {
-                ActionError::Failed("not every vCPU reported its state in time".into())
-            })?;
-            match event {
-                VcpuEvent::Saved { id, state } => {
-                    let state = (*state).map_err(|why| {
-                        ActionError::Failed(format!("cannot save vCPU {id}: {why}"))
-                    })?;
-                    if let Some(slot) = states.get_mut(usize::from(id)) {
-                        *slot = Some(state);
+        let mut failure = None;
+        self.wait_vcpus(vcpu_events, vcpus, |event| match event {
+            VcpuEvent::Saved { id, state } => {
+                match *state {
+                    Ok(state) => {
+                        if let Some(slot) = states.get_mut(usize::from(id)) {
+                            *slot = Some(state);
+                        }
                     }
+                    Err(why) => failure = Some(format!("cannot save vCPU {id}: {why}")),
                 }
-                other => {
-                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
-                        self.outcome = Some(outcome);
-                        return Err(ActionError::State("the guest stopped".into()));
-                    }
-                }
+                Ok(Some(id))
             }
+            other => Err(other),
+        })?;
+        if let Some(why) = failure {
+            return Err(ActionError::Failed(why));
         }
         let legacy = LegacyState {
             serial: devices
@@ -1253,6 +1429,55 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Waits until every vCPU has answered: `answer` takes each event and returns the vCPU
+    /// it answers for (`Ok(None)`: ignore it), or gives it back for the usual handling.
+    /// vCPUs still silent are kicked again every [`KICK_RETRY`], in case a kick landed
+    /// between two `KVM_RUN`s.
+    fn wait_vcpus(
+        &mut self,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        mut answer: impl FnMut(VcpuEvent) -> Result<Option<u8>, VcpuEvent>,
+    ) -> Result<(), ActionError> {
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < vcpus.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ActionError::Failed(format!(
+                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
+                    answered.len(),
+                    vcpus.len()
+                )));
+            }
+            let event = match vcpu_events.recv_timeout(KICK_RETRY.min(deadline - now)) {
+                Ok(event) => event,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    for vcpu in vcpus.iter().filter(|v| !answered.contains(&v.id)) {
+                        vcpu.kick();
+                    }
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ActionError::VmmGone)
+                }
+            };
+            match answer(event) {
+                Ok(Some(id)) => {
+                    answered.insert(id);
+                }
+                Ok(None) => {}
+                Err(other) => {
+                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
+                        self.outcome = Some(outcome);
+                        return Err(ActionError::State("the guest stopped".into()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Pauses or resumes every vCPU and waits until each has answered.
     fn set_paused(
         &mut self,
@@ -1263,6 +1488,7 @@ impl EventLoop {
         if self.paused == pause {
             return Ok(());
         }
+        let started = Instant::now();
         let request = if pause {
             VcpuRequest::Pause
         } else {
@@ -1271,33 +1497,27 @@ impl EventLoop {
         for vcpu in vcpus {
             vcpu.request(request);
         }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let mut answered = std::collections::BTreeSet::new();
-        while answered.len() < vcpus.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let event = vcpu_events.recv_timeout(left).map_err(|_| {
-                ActionError::Failed(format!(
-                    "only {} of {} vCPUs answered within {PAUSE_TIMEOUT:?}",
-                    answered.len(),
-                    vcpus.len()
-                ))
-            })?;
-            match event {
-                VcpuEvent::Paused { id } if pause => {
-                    answered.insert(id);
-                }
-                VcpuEvent::Resumed { id } if !pause => {
-                    answered.insert(id);
-                }
-                other => {
-                    if let Some(outcome) = self.on_vcpu_event(other, vcpus.len()) {
-                        self.outcome = Some(outcome);
-                        return Err(ActionError::State("the guest stopped".into()));
-                    }
+        let result = self.wait_vcpus(vcpu_events, vcpus, |event| match event {
+            VcpuEvent::Paused { id } if pause => Ok(Some(id)),
+            VcpuEvent::Resumed { id } if !pause => Ok(Some(id)),
+            other => Err(other),
+        });
+        if let Err(e) = result {
+            if pause {
+                // Leave no vCPU paused behind a failed pause: they all run again.
+                for vcpu in vcpus {
+                    vcpu.request(VcpuRequest::Resume);
                 }
             }
+            return Err(e);
         }
         self.paused = pause;
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        if pause {
+            self.metrics.latencies.pause_vm.set(us);
+        } else {
+            self.metrics.latencies.resume_vm.set(us);
+        }
         Ok(())
     }
 

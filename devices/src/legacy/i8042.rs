@@ -5,8 +5,11 @@
 //! VMM's reset event. There is no mouse (AUX) port.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::I8042Metrics;
 
 use crate::bus::BusDevice;
 
@@ -69,6 +72,7 @@ pub struct I8042 {
     output: VecDeque<u8>,
     reset_evt: EventFd,
     kbd_irq: EventFd,
+    metrics: Arc<I8042Metrics>,
 }
 
 /// The controller's registers and output buffer, for snapshots.
@@ -130,7 +134,13 @@ impl I8042 {
             output: VecDeque::with_capacity(OUTPUT_CAPACITY),
             reset_evt,
             kbd_irq,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The controller's counters.
+    pub fn metrics(&self) -> Arc<I8042Metrics> {
+        self.metrics.clone()
     }
 
     fn push(&mut self, byte: u8) {
@@ -197,6 +207,7 @@ impl I8042 {
             CMD_KBD_ENABLE => self.control &= !CTR_KBD_DISABLE,
             CMD_READ_OUTP => self.push(self.output_port),
             CMD_RESET_CPU => {
+                self.metrics.reset_count.inc();
                 if let Err(e) = self.reset_evt.write(1) {
                     tracing::error!("i8042 cannot signal the reset event: {e}");
                 }
@@ -234,6 +245,7 @@ impl I8042 {
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.metrics.read_count.inc();
         data.fill(0);
         let value = match offset {
             DATA => self.read_data(),
@@ -247,6 +259,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        self.metrics.write_count.inc();
         match offset {
             DATA => self.write_data(value),
             COMMAND => self.write_command(value),

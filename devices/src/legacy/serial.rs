@@ -2,7 +2,6 @@
 //! input fed by the VMM's event loop.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
@@ -23,16 +22,7 @@ pub enum SerialError {
     Restore(String),
 }
 
-/// Counters of the serial device.
-#[derive(Debug, Default)]
-pub struct SerialMetrics {
-    /// Bytes the guest wrote.
-    pub out_bytes: AtomicU64,
-    /// Bytes lost because the host writer failed.
-    pub lost_bytes: AtomicU64,
-    /// Bytes of input the guest read.
-    pub in_bytes_read: AtomicU64,
-}
+pub use crate::metrics::SerialMetrics;
 
 /// Forwards vm-superio's events to counters and wakes the input feeder when the guest has
 /// drained the receive FIFO.
@@ -44,13 +34,13 @@ struct Events {
 
 impl SerialEvents for Events {
     fn buffer_read(&self) {
-        self.metrics.in_bytes_read.fetch_add(1, Ordering::Relaxed);
+        self.metrics.read_count.inc();
     }
     fn out_byte(&self) {
-        self.metrics.out_bytes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.write_count.inc();
     }
     fn tx_lost_byte(&self) {
-        self.metrics.lost_bytes.fetch_add(1, Ordering::Relaxed);
+        self.metrics.missed_write_count.inc();
     }
     fn in_buffer_empty(&self) {
         // A failed wake-up only delays input until the next poll; nothing to recover.
@@ -239,7 +229,7 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
-        assert_eq!(dev.metrics().out_bytes.load(Ordering::Relaxed), 3);
+        assert_eq!(dev.metrics().write_count.get(), 3);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 pub use virtio_queue::Error as QueueError;
+pub use worker::{set_worker_start_hook, WorkerStartHook};
 
 /// VIRTIO_F_VERSION_1 (virtio 1.2, 6): the device is modern; the transport always offers it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -159,6 +160,29 @@ pub(crate) fn check_avail_index(queue: &mut Queue, mem: &GuestMemoryMmap) -> Res
         .iter(mem)
         .map(|_| ())
         .map_err(|e| format!("bad available ring index: {e}"))
+}
+
+/// VIRTQ_AVAIL_F_NO_INTERRUPT (virtio 1.2, 2.7.6): the driver does not want interrupts for
+/// this queue (a polling driver sets it).
+pub(crate) const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for the used buffers just added to `queue`: not when
+/// its available ring carries VIRTQ_AVAIL_F_NO_INTERRUPT (EVENT_IDX is not offered, so that is
+/// the only hint). Saves an irqfd write and an interrupt injection per batch for polling
+/// drivers. When the flags cannot be read the interrupt is sent.
+pub(crate) fn driver_wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::Bytes;
+    // The used ring writes must be visible before the flags are read: a driver that clears
+    // the flag and then checks the used ring either sees our entries or we see its flag.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(
+        vm_memory::GuestAddress(queue.avail_ring()),
+        Ordering::SeqCst,
+    ) {
+        Ok(flags) => u16::from_le(flags) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
 }
 
 /// Pops every chain the driver made available on `queue`, hands it to `handle` and returns it

@@ -1,6 +1,8 @@
 //! virtio-rng (virtio 1.2, 5.4): one request queue whose writable buffers the device fills
 //! with entropy from the host's getrandom.
 
+use std::sync::Arc;
+
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -10,6 +12,7 @@ use super::{
     serve_queue, stop_worker, take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
     QUEUE_MAX_SIZE,
 };
+use crate::metrics::EntropyMetrics;
 
 /// Most bytes given for one request; a guest asking for more gets this many (the spec lets
 /// the device fill less than offered).
@@ -19,12 +22,18 @@ const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 #[derive(Debug, Default)]
 pub struct Rng {
     worker: Option<Worker>,
+    metrics: Arc<EntropyMetrics>,
 }
 
 impl Rng {
     /// A new entropy device.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This device's counters.
+    pub fn metrics(&self) -> Arc<EntropyMetrics> {
+        self.metrics.clone()
     }
 }
 
@@ -33,6 +42,7 @@ struct RngHandler {
     queue: Queue,
     interrupt: Interrupt,
     buf: Vec<u8>,
+    metrics: Arc<EntropyMetrics>,
 }
 
 /// Fills `buf` from the host's entropy pool.
@@ -60,6 +70,7 @@ fn fill_chain(
     mem: &GuestMemoryMmap,
     buf: &mut [u8],
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+    metrics: &EntropyMetrics,
 ) -> u32 {
     let mut written: u32 = 0;
     for desc in chain.writable() {
@@ -70,6 +81,7 @@ fn fill_chain(
         }
         let chunk = &mut buf[..len as usize];
         if let Err(e) = getrandom(chunk) {
+            metrics.host_rng_fails.inc();
             tracing::error!("virtio-rng: getrandom failed: {e}");
             break;
         }
@@ -80,6 +92,8 @@ fn fill_chain(
         }
         written += len;
     }
+    metrics.entropy_event_count.inc();
+    metrics.entropy_bytes.add(u64::from(written));
     written
 }
 
@@ -89,9 +103,9 @@ impl QueueHandler for RngHandler {
     }
 
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
-        let (mem, buf) = (&self.mem, &mut self.buf);
+        let (mem, buf, metrics) = (&self.mem, &mut self.buf, &self.metrics);
         if serve_queue(&mut self.queue, mem, |chain| {
-            Some(fill_chain(mem, buf, chain))
+            Some(fill_chain(mem, buf, chain, metrics))
         })? {
             self.interrupt.signal_used_queue();
         }
@@ -145,6 +159,7 @@ impl VirtioDevice for Rng {
             queue,
             interrupt: ctx.interrupt,
             buf: vec![0; MAX_REQUEST_BYTES as usize],
+            metrics: self.metrics.clone(),
         };
         let worker = Worker::spawn("anvil-rng".into(), ctx.queue_evts, handler)
             .map_err(ActivateError::Worker)?;

@@ -2,6 +2,7 @@
 //! hands each notified queue to the device's handler, so that no device work runs on a vCPU.
 
 use std::os::fd::AsRawFd;
+use std::sync::RwLock;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -34,6 +35,22 @@ pub(crate) struct Worker {
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
+
+/// What each worker thread runs first, before it touches a queue (the VMM installs its
+/// seccomp filter there); an error fails the device.
+pub type WorkerStartHook = fn() -> Result<(), String>;
+
+static WORKER_START_HOOK: RwLock<Option<WorkerStartHook>> = RwLock::new(None);
+
+/// Sets the hook every worker thread started from now on runs first.
+pub fn set_worker_start_hook(hook: WorkerStartHook) {
+    *WORKER_START_HOOK.write().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+}
+
+fn run_start_hook() -> Result<(), String> {
+    let hook = *WORKER_START_HOOK.read().unwrap_or_else(|p| p.into_inner());
+    hook.map_or(Ok(()), |hook| hook())
+}
 
 impl Worker {
     /// Starts a thread named `name` serving `queue_evts` with `handler`.
@@ -79,6 +96,10 @@ impl Worker {
             let _keep = (&queue_evts, &stop_clone);
             // Runs until stopped or failed; the queues' states are the thread's result.
             let mut serve = || {
+                if let Err(why) = run_start_hook() {
+                    handler.failed(&why);
+                    return;
+                }
                 let refresh = |handler: &H, watching: &mut Vec<bool>| -> Result<(), String> {
                     for (i, fd) in extra.iter().enumerate() {
                         let want = handler.wants_fd(i);

@@ -50,14 +50,23 @@ pub fn tsc_khz() -> (u64, TscSource) {
             return (u64::from(mhz) * 1000, TscSource::Cpuid16);
         }
     }
-    (pit_calibrate(), TscSource::Pit)
+    // A vCPU descheduled for longer than the PIT's 55 ms wrap during a calibration (seen on
+    // a loaded 2-core host) misses a wrap and overestimates the frequency 2-3x; it can never
+    // underestimate it, so the lowest of a few short calibrations is the right one.
+    let khz = (0..CALIBRATIONS)
+        .map(|_| pit_calibrate())
+        .min()
+        .unwrap_or(1);
+    (khz, TscSource::Pit)
 }
 
 // PIT (8254) ports.
 const PIT_CH0: u16 = 0x40;
 const PIT_MODE: u16 = 0x43;
 const PIT_HZ: u64 = 1_193_182;
-const CALIBRATE_MS: u64 = 50;
+const CALIBRATE_MS: u64 = 20;
+/// Calibrations whose lowest result counts.
+const CALIBRATIONS: usize = 3;
 
 /// Reads PIT channel 0's current count with a counter-latch command.
 fn pit_ch0_count() -> u16 {
@@ -78,11 +87,16 @@ fn pit_calibrate() -> u64 {
     io::outb(PIT_MODE, 0x30); // channel 0, lobyte/hibyte, mode 0, binary
     io::outb(PIT_CH0, 0xff);
     io::outb(PIT_CH0, 0xff);
-    let first = pit_ch0_count();
+    let mut last = pit_ch0_count();
     let start = io::rdtsc();
+    let mut elapsed = 0u64;
     let mut spins = 0u64;
     loop {
-        let elapsed = u64::from(first.wrapping_sub(pit_ch0_count()));
+        // Summed read by read, so the 16-bit count may wrap (after 55 ms) between the first
+        // and the last read; a gap of 55 ms between two reads still loses a wrap.
+        let now = pit_ch0_count();
+        elapsed += u64::from(last.wrapping_sub(now));
+        last = now;
         spins += 1;
         if elapsed >= want || spins > 10_000_000 {
             let ticks = io::rdtsc().wrapping_sub(start);

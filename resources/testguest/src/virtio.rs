@@ -400,6 +400,11 @@ impl Queue {
         self.size
     }
 
+    /// Descriptors not in flight.
+    pub fn free(&self) -> u16 {
+        self.num_free
+    }
+
     /// Asks the device for (or stops asking for) used-buffer interrupts.
     pub fn set_interrupts(&mut self, enable: bool) {
         let flags = if enable { 0 } else { AVAIL_F_NO_INTERRUPT };

@@ -11,16 +11,17 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
 
-use self::request::{Disk, RequestError, SECTOR_SIZE, STATUS_OK};
+use self::request::{Disk, Request, RequestError, RequestKind, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext, ActivateError,
-    Interrupt, VirtioDevice,
+    driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker, take_queues,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
+use crate::metrics::BlockMetrics;
 use crate::rate_limiter::{LimiterUpdate, RateLimiterConfig, Throttle};
 
 /// Errors of opening a disk.
@@ -116,9 +117,15 @@ pub struct Block {
     index: usize,
     rate_limit: RateLimiterConfig,
     worker: Option<Worker>,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
+    /// This device's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
     /// A handle to change the device while the VM runs.
     pub fn control(&self) -> BlockControl {
         self.control.clone()
@@ -161,6 +168,7 @@ impl Block {
             index,
             rate_limit,
             worker: None,
+            metrics: Arc::default(),
         })
     }
 }
@@ -175,57 +183,62 @@ struct BlockHandler {
 struct BlockIo {
     mem: GuestMemoryMmap,
     disk: Arc<Mutex<Disk>>,
-    bounce: Vec<u8>,
     throttle: Option<Throttle>,
     limit_update: LimiterUpdate,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl BlockIo {
+    fn count(&self, kind: Option<RequestKind>, result: &Result<usize, RequestError>, bytes: u64) {
+        let m = &self.metrics;
+        match (&kind, result) {
+            (Some(RequestKind::In), Ok(_)) => {
+                m.read_count.inc();
+                m.read_bytes.add(bytes);
+            }
+            (Some(RequestKind::Out), Ok(_)) => {
+                m.write_count.inc();
+                m.write_bytes.add(bytes);
+            }
+            (Some(RequestKind::Flush), Ok(_)) => m.flush_count.inc(),
+            (_, Err(RequestError::Io(_))) => m.execute_fails.inc(),
+            (_, Err(_)) => m.invalid_reqs_count.inc(),
+            _ => {}
+        }
+    }
+
     /// Runs one request; returns the used length (data written plus the status byte, 0 when
     /// the chain has no room for a status byte), or `None` when the rate limiter refused it.
     fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<u32> {
-        let (mut reader, mut writer) = match (
-            Reader::new(&self.mem, chain.clone()),
-            Writer::new(&self.mem, chain),
-        ) {
-            (Ok(r), Ok(w)) => (r, w),
-            _ => {
-                tracing::debug!("virtio-blk: chain outside guest memory");
+        let request = match Request::parse(&self.mem, chain) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("virtio-blk: {e}");
                 return Some(0);
             }
         };
-        let writable = writer.available_bytes();
-        if writable == 0 {
-            tracing::debug!("virtio-blk: request without a status byte");
-            return Some(0);
-        }
         if let Some(throttle) = &mut self.throttle {
             self.limit_update.apply(throttle);
-            // Data bytes: everything but the 16-byte header and the status byte.
-            let bytes = (reader.available_bytes().saturating_sub(16) + writable - 1) as u64;
-            if !throttle.admit(bytes) {
+            if !throttle.admit(request.data_bytes() as u64) {
+                self.metrics.rate_limiter_throttled_events.inc();
                 return None;
             }
         }
-        let Ok(mut status_writer) = writer.split_at(writable - 1) else {
-            return Some(0);
-        };
         let mut disk = self.disk.lock().unwrap_or_else(|p| p.into_inner());
-        let (status, written) =
-            match request::execute(&mut disk, &mut reader, &mut writer, &mut self.bounce) {
-                Ok(n) => (STATUS_OK, n),
-                Err(e) => {
-                    if !matches!(e, RequestError::ReadOnly) {
-                        tracing::debug!("virtio-blk: request failed: {e}");
-                    }
-                    (e.status(), writer.bytes_written())
-                }
-            };
+        let kind = request.kind();
+        let result = request.execute(&mut disk);
         drop(disk);
-        if status_writer.write_obj(status).is_err() {
-            return Some(0);
-        }
-        Some(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        self.count(kind, &result, request.data_bytes() as u64);
+        let (status, written) = match result {
+            Ok(n) => (STATUS_OK, n),
+            Err(e) => {
+                if !matches!(e, RequestError::ReadOnly) {
+                    tracing::debug!("virtio-blk: request failed: {e}");
+                }
+                (e.status(), 0)
+            }
+        };
+        Some(request.complete(status, written))
     }
 }
 
@@ -235,9 +248,12 @@ impl QueueHandler for BlockHandler {
     }
 
     fn process_queue(&mut self, _index: usize) -> Result<(), String> {
+        self.io.metrics.queue_event_count.inc();
         let mem = self.io.mem.clone();
         // A request the rate limiter refused is retried when its timer fires.
-        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))? {
+        if serve_queue(&mut self.queue, &mem, |chain| self.io.handle(chain))?
+            && driver_wants_interrupt(&self.queue, &mem)
+        {
             self.interrupt.signal_used_queue();
         }
         Ok(())
@@ -300,10 +316,10 @@ impl VirtioDevice for Block {
             io: BlockIo {
                 mem: ctx.mem,
                 disk: self.disk.clone(),
-                bounce: Vec::new(),
                 // Always present, so limits set while the VM runs have a timer to use.
                 throttle: Some(Throttle::new(self.rate_limit).map_err(ActivateError::Worker)?),
                 limit_update: self.control.limit.clone(),
+                metrics: self.metrics.clone(),
             },
         };
         let worker = Worker::spawn(format!("anvil-blk{}", self.index), ctx.queue_evts, handler)

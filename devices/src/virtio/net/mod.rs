@@ -4,7 +4,7 @@
 
 pub mod tap;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
@@ -13,15 +13,15 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
-use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT, Writer};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
-pub use self::tap::{Tap, TapError, VNET_HDR_LEN};
+pub use self::tap::{Tap, TapError, MAX_FRAME_PIECES, VNET_HDR_LEN};
 use super::worker::{QueueHandler, Worker};
 use super::QUEUE_MAX_SIZE;
 use super::{
-    check_avail_index, read_config_bytes, serve_queue, stop_worker, take_queues, ActivateContext,
-    ActivateError, Interrupt, VirtioDevice,
+    check_avail_index, driver_wants_interrupt, read_config_bytes, serve_queue, stop_worker,
+    take_queues, ActivateContext, ActivateError, Interrupt, VirtioDevice,
 };
 use crate::rate_limiter::{LimiterUpdate, RateLimiterConfig, Throttle};
 
@@ -41,16 +41,7 @@ const OFFLOAD_FEATURES: u64 = (1 << VIRTIO_NET_F_CSUM)
     | (1 << VIRTIO_NET_F_HOST_TSO4)
     | (1 << VIRTIO_NET_F_HOST_TSO6);
 
-/// Counters of a network device.
-#[derive(Debug, Default)]
-pub struct NetMetrics {
-    /// Frames delivered to the guest.
-    pub rx_frames: std::sync::atomic::AtomicU64,
-    /// Frames sent by the guest.
-    pub tx_frames: std::sync::atomic::AtomicU64,
-    /// Frames dropped (too large for the guest's buffer, malformed, or the tap refused them).
-    pub dropped: std::sync::atomic::AtomicU64,
-}
+pub use crate::metrics::NetMetrics;
 
 /// A virtio network device.
 #[derive(Debug)]
@@ -188,10 +179,6 @@ fn throttle(config: RateLimiterConfig) -> Result<Option<Throttle>, ActivateError
         .map_err(ActivateError::Worker)
 }
 
-fn count(counter: &std::sync::atomic::AtomicU64) {
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 impl NetHandler {
     /// Sends every chain on the transmit queue to the tap.
     fn transmit(&mut self) -> Result<(), String> {
@@ -206,37 +193,71 @@ impl NetHandler {
             &self.metrics,
         );
         let used = serve_queue(&mut self.tx, &mem, |chain| {
-            let Ok(mut reader) = Reader::new(&mem, chain) else {
-                count(&metrics.dropped);
-                return Some(0);
-            };
-            let len = reader.available_bytes();
+            // The device-readable part of the chain, as guest-memory slices.
+            let mut slices = Vec::with_capacity(2);
+            let mut len = 0usize;
+            for desc in chain.readable() {
+                let Some(total) = len.checked_add(desc.len() as usize) else {
+                    metrics.tx_fails.inc();
+                    return Some(0);
+                };
+                len = total;
+                if len > MAX_FRAME_LEN {
+                    break;
+                }
+                let start = slices.len();
+                for slice in GuestMemoryBackend::get_slices(&mem, desc.addr(), desc.len() as usize)
+                {
+                    match slice {
+                        Ok(s) => slices.push(s),
+                        Err(_) => {
+                            metrics.tx_fails.inc();
+                            return Some(0);
+                        }
+                    }
+                }
+                let mapped: usize = slices[start..].iter().map(|s| s.len()).sum();
+                if mapped != desc.len() as usize {
+                    metrics.tx_fails.inc();
+                    return Some(0);
+                }
+            }
             if let Some(t) = throttle {
                 if !t.admit(len.saturating_sub(VNET_HDR_LEN) as u64) {
                     // Sent when the rate limiter's timer fires.
+                    metrics.tx_rate_limiter_throttled.inc();
                     return None;
                 }
             }
-            if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len)
-                || reader.read_exact(&mut frame[..len]).is_err()
-            {
-                count(&metrics.dropped);
+            if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
+                metrics.tx_fails.inc();
                 return Some(0);
             }
-            let sent = tap
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .write_frame(&frame[..len]);
+            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
+            let sent = if slices.len() <= MAX_FRAME_PIECES {
+                tap.write_frame_slices(&slices)
+            } else {
+                // A frame in many small pieces: gather it first.
+                let mut at = 0;
+                for s in &slices {
+                    at += s.copy_to(&mut frame[at..len]);
+                }
+                tap.write_frame(&frame[..len])
+            };
+            drop(tap);
             match sent {
-                Ok(_) => count(&metrics.tx_frames),
+                Ok(_) => {
+                    metrics.tx_packets_count.inc();
+                    metrics.tx_bytes_count.add((len - VNET_HDR_LEN) as u64);
+                }
                 Err(e) => {
                     tracing::debug!("virtio-net: tap write failed: {e}");
-                    count(&metrics.dropped);
+                    metrics.tx_fails.inc();
                 }
             }
             Some(0)
         })?;
-        if used {
+        if used && driver_wants_interrupt(&self.tx, &mem) {
             self.interrupt.signal_used_queue();
         }
         Ok(())
@@ -259,7 +280,10 @@ impl NetHandler {
                         Ok(_) => continue,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(format!("tap read failed: {e}")),
+                        Err(e) => {
+                            self.metrics.tap_read_fails.inc();
+                            return Err(format!("tap read failed: {e}"));
+                        }
                     }
                 }
             };
@@ -269,6 +293,7 @@ impl NetHandler {
                 self.control.rx.apply(t);
                 if !t.admit((len - VNET_HDR_LEN) as u64) {
                     // The frame waits; the tap is not read until the timer fires.
+                    self.metrics.rx_rate_limiter_throttled.inc();
                     self.pending = Some(len);
                     break;
                 }
@@ -287,18 +312,19 @@ impl NetHandler {
                 Ok(mut writer) if writer.available_bytes() >= len => {
                     match writer.write_all(&self.frame[..len]) {
                         Ok(()) => {
-                            count(&self.metrics.rx_frames);
+                            self.metrics.rx_packets_count.inc();
+                            self.metrics.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
                             len
                         }
                         Err(_) => {
-                            count(&self.metrics.dropped);
+                            self.metrics.rx_dropped_frames.inc();
                             0
                         }
                     }
                 }
                 _ => {
                     // Too small or outside guest memory: the frame is lost, the buffer returned.
-                    count(&self.metrics.dropped);
+                    self.metrics.rx_dropped_frames.inc();
                     0
                 }
             };
@@ -308,7 +334,7 @@ impl NetHandler {
                 .map_err(|e| format!("cannot return a receive buffer: {e}"))?;
             used_any = true;
         }
-        if used_any {
+        if used_any && driver_wants_interrupt(&self.rx, &mem) {
             self.interrupt.signal_used_queue();
         }
         Ok(())

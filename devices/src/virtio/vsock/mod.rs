@@ -14,6 +14,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
@@ -26,6 +27,7 @@ use super::{
     check_avail_index, read_config_bytes, stop_worker, take_queues, ActivateContext, ActivateError,
     Interrupt, VirtioDevice, QUEUE_MAX_SIZE,
 };
+use crate::metrics::VsockMetrics;
 
 /// The host's CID (VMADDR_CID_HOST).
 pub const HOST_CID: u64 = 2;
@@ -73,9 +75,15 @@ pub struct Vsock {
     listener: UnixListener,
     config: [u8; 8],
     worker: Option<Worker>,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl Vsock {
+    /// This device's counters.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
     /// A device with guest CID `cid` whose host side listens at `path` (a stale socket file
     /// there is replaced).
     pub fn new(cid: u64, path: &Path) -> Result<Self, VsockError> {
@@ -105,6 +113,7 @@ impl Vsock {
             listener,
             config: cid.to_le_bytes(),
             worker: None,
+            metrics: Arc::default(),
         })
     }
 }
@@ -183,6 +192,7 @@ struct VsockHandler {
     /// The guest had no receive buffer last time: host input waits.
     rx_blocked: bool,
     buf: Vec<u8>,
+    metrics: Arc<VsockMetrics>,
 }
 
 /// A packet header from the host side of `conn` to the guest `cid`.
@@ -203,6 +213,7 @@ fn header(cid: u64, conn: &Conn, op: u16, flags: u32, len: u32) -> Header {
 
 impl VsockHandler {
     fn rst_for(&self, hdr: &Header) -> Header {
+        self.metrics.conns_killed.inc();
         Header {
             src_cid: HOST_CID,
             dst_cid: self.cid,
@@ -254,6 +265,8 @@ impl VsockHandler {
                         && w.write_obj(hdr).is_ok()
                         && w.write_all(&payload).is_ok()
                     {
+                        self.metrics.rx_packets_count.inc();
+                        self.metrics.rx_bytes_count.add(payload.len() as u64);
                         HEADER_LEN + payload.len()
                     } else {
                         0
@@ -287,6 +300,7 @@ impl VsockHandler {
 
     fn close(&mut self, key: (u32, u32)) {
         if let Some(conn) = self.conns.remove(&key) {
+            self.metrics.conns_removed.inc();
             self.by_fd.remove(&conn.stream.as_raw_fd());
             let _ = self.epoll.ctl(
                 ControlOperation::Delete,
@@ -298,6 +312,7 @@ impl VsockHandler {
 
     fn reset_conn(&mut self, key: (u32, u32)) {
         if let Some(conn) = self.conns.get(&key) {
+            self.metrics.conns_killed.inc();
             let hdr = header(self.cid, conn, OP_RST, 0, 0);
             self.queue_packet(hdr, Vec::new());
         }
@@ -327,6 +342,7 @@ impl VsockHandler {
         let key = (conn.local_port, conn.peer_port);
         self.by_fd.insert(fd, key);
         self.conns.insert(key, conn);
+        self.metrics.conns_added.inc();
         Ok(())
     }
 
@@ -636,7 +652,11 @@ impl VsockHandler {
             let head = chain.head_index();
             if let Ok(mut reader) = Reader::new(&mem, chain) {
                 match reader.read_obj::<Header>() {
-                    Ok(hdr) => self.on_guest_packet(hdr, &mut reader),
+                    Ok(hdr) => {
+                        self.metrics.tx_packets_count.inc();
+                        self.metrics.tx_bytes_count.add(u64::from(hdr.len));
+                        self.on_guest_packet(hdr, &mut reader)
+                    }
                     Err(_) => crate::warn_limited!("virtio-vsock: packet shorter than its header"),
                 }
             }
@@ -796,6 +816,7 @@ impl VirtioDevice for Vsock {
             backlog: VecDeque::new(),
             rx_blocked: false,
             buf: Vec::new(),
+            metrics: self.metrics.clone(),
             transport_reset: ctx.restored,
         };
         self.worker = Some(

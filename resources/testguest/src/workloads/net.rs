@@ -19,6 +19,8 @@
 //! `net_pings=<n>`, `net_replies=<n>`, `net_rtt_us=<median>`, `net_rx_frames=<n>` (everything
 //! received, including frames not for us), `net_arp_answered=<n>`, then the result: pass when
 //! every echo request got its reply with the right identifier, sequence and payload.
+//!
+//! `tg.net_bench=1` measures transmit throughput instead (no ARP, no pings): see [`bench_tx`].
 
 use super::param;
 use crate::bootinfo::BootInfo;
@@ -384,6 +386,77 @@ fn before(deadline: u64) -> bool {
     (io::rdtsc().wrapping_sub(deadline) as i64) < 0
 }
 
+/// Local experimental EtherType (IEEE 802): no host protocol handles it, so the host stack
+/// drops the benchmark's frames as soon as it sees them.
+const ETHERTYPE_BENCH: u16 = 0x88b5;
+
+/// `tg.net_bench=1`: sends `tg.net_bench_mib` MiB (256) of `tg.net_frame`-byte frames (1514,
+/// Ethernet header included; 60 to 1514) to the broadcast address with [`ETHERTYPE_BENCH`],
+/// as fast as the device takes them: the transmit queue is kept full (each chain is one
+/// readable descriptor over the same buffer) and refilled, with one notification, whenever
+/// half of it has been used. Prints `net_bench_frames`, `net_bench_bytes` (Ethernet frames,
+/// virtio-net headers excluded) and `net_bench_us`.
+fn bench_tx(net: &mut Net, params: &Params<'_>, khz: u64) -> ! {
+    let len = param(params, "net_frame", 1514).clamp(60, 1514) as usize;
+    let total_bytes = param(params, "net_bench_mib", 256).saturating_mul(1 << 20);
+    let frames = (total_bytes / len as u64).max(1);
+    // SAFETY: `tx_buf` is a page of arena RAM that only this driver uses; the device only
+    // reads it, and nothing writes it once the loop below starts.
+    let buf = unsafe { phys::bytes_mut(net.tx_buf, 4096) };
+    buf[..HDR as usize + len].fill(0);
+    let f = &mut buf[HDR as usize..];
+    f[0..6].copy_from_slice(&BROADCAST);
+    f[6..12].copy_from_slice(&net.mac);
+    f[12..14].copy_from_slice(&ETHERTYPE_BENCH.to_be_bytes());
+    let mut chain = Chain::new();
+    if let Err(e) = chain.readable(net.tx_buf, (HDR as usize + len) as u32) {
+        exit::fail(format_args!("net bench chain: {e}"));
+    }
+    let size = net.tx.size();
+    let (mut submitted, mut done) = (0u64, 0u64);
+    let t0 = io::rdtsc();
+    let mut last_progress = t0;
+    while done < frames {
+        if net.tx.free() >= size / 2 {
+            let mut added = false;
+            while submitted < frames && net.tx.free() > 0 {
+                if let Err(e) = net.tx.submit(&chain) {
+                    exit::fail(format_args!("net bench submit: {e}"));
+                }
+                submitted += 1;
+                added = true;
+            }
+            if added {
+                net.tx.notify();
+            }
+        }
+        let mut progressed = false;
+        loop {
+            match net.tx.poll() {
+                Ok(Some(_)) => {
+                    done += 1;
+                    progressed = true;
+                }
+                Ok(None) => break,
+                Err(e) => exit::fail(format_args!("net bench: {e}")),
+            }
+        }
+        let now = io::rdtsc();
+        if progressed {
+            last_progress = now;
+        } else if now.wrapping_sub(last_progress) > net.timeout {
+            exit::fail(format_args!("net bench: the device stopped taking frames"));
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+    let us = (io::rdtsc() - t0) * 1000 / khz;
+    crate::tg!("net_bench_frames={frames}");
+    crate::tg!("net_bench_bytes={}", frames * len as u64);
+    crate::tg!("net_bench_us={us}");
+    exit::pass()
+}
+
 /// Runs the workload.
 pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
     let pings = param(params, "pings", 8).min(MAX_PINGS as u64);
@@ -412,6 +485,10 @@ pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
             | (u16::from(net.dev.config_u8(CFG_STATUS + 1)) << 8);
         let up = if status & LINK_UP != 0 { "up" } else { "down" };
         crate::tg!("net_link={up}");
+    }
+
+    if param(params, "net_bench", 0) == 1 {
+        bench_tx(&mut net, params, khz);
     }
 
     let mut peer_mac = if param(params, "arp", 1) != 0 {
