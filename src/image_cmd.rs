@@ -373,12 +373,57 @@ fn guest_file(
     }
 }
 
+/// Removes directories on a thread started before the VM: once the VM runs, this (main)
+/// thread is under the VMM's seccomp filter, which does not allow walking directories.
+struct Janitor {
+    tx: Option<std::sync::mpsc::Sender<PathBuf>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Janitor {
+    fn start() -> Result<Self, String> {
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let thread = std::thread::Builder::new()
+            .name("anvil-janitor".into())
+            .spawn(move || {
+                for path in rx {
+                    match std::fs::remove_dir_all(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(dir = %path.display(), error = %e, "cannot remove")
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the cleanup thread: {e}"))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn remove(&self, path: &Path) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(path.to_path_buf());
+        }
+    }
+
+    /// Waits until everything sent has been removed.
+    fn finish(mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Sockets live in a directory of their own under the temporary directory: the data
 /// directory may be on a file system without Unix sockets (9p).
-struct SocketDir(PathBuf);
-impl Drop for SocketDir {
+struct SocketDir<'a>(PathBuf, &'a Janitor);
+impl Drop for SocketDir<'_> {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.1.remove(&self.0);
     }
 }
 
@@ -531,7 +576,12 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
     if args.rm {
         remove_on_signal(&run_dir.path);
     }
+    let janitor = match Janitor::start() {
+        Ok(j) => j,
+        Err(why) => return fail(EXIT_RUN_ERROR, &why),
+    };
     let code = match run_vm(
+        &janitor,
         &args,
         &image,
         &spec,
@@ -546,17 +596,17 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
         Err(why) => fail(EXIT_RUN_ERROR, &why),
     };
     if args.rm {
-        if let Err(e) = std::fs::remove_dir_all(&run_dir.path) {
-            tracing::warn!(dir = %run_dir.path.display(), error = %e, "cannot remove the run's directory");
-        }
+        janitor.remove(&run_dir.path);
     } else {
         tracing::info!(dir = %run_dir.path.display(), "the run's writable layer is kept (--rm removes it)");
     }
+    janitor.finish();
     code
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run_vm(
+    janitor: &Janitor,
     args: &RunArgs,
     image: &Image,
     spec: &AgentSpec,
@@ -572,11 +622,17 @@ fn run_vm(
     let initrd = run_dir.join("initrd.cpio");
     write_initrd(agent, spec, &initrd)?;
 
-    let sockets = SocketDir(std::env::temp_dir().join(format!(
-        "anvil-run-{}-{}",
-        std::process::id(),
-        run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-    )));
+    let sockets = SocketDir(
+        std::env::temp_dir().join(format!(
+            "anvil-run-{}-{}",
+            std::process::id(),
+            run_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )),
+        janitor,
+    );
     std::fs::create_dir_all(&sockets.0)
         .map_err(|e| format!("cannot create {}: {e}", sockets.0.display()))?;
     remove_on_signal(&sockets.0);
