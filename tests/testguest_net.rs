@@ -9,7 +9,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::netns::NetNs;
