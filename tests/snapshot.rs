@@ -685,3 +685,64 @@ fn clones_each_use_their_own_disk_copy() {
         assert_eq!(tg["blk_new_sum"], format!("{sum:016x}"), "{}", vmm.output());
     }
 }
+
+#[test]
+fn the_network_works_again_after_a_restore() {
+    if !kvm_available("the_network_works_again_after_a_restore") {
+        return;
+    }
+    let ns = common::netns::NetNs::new();
+    let dir = TempDir::new("snap-net");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+    let sock = dir.path("source.sock");
+    let vmm = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
+    let mut c = vmm.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": ns.tap, "guest_mac": "52:54:00:aa:bb:cd"}),
+    );
+    // 150 pings 20 ms apart (3 s); a reply lost while the VM moves is asked for again.
+    ok(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(),
+            "boot_args": "console=ttyS0 tg.run=net tg.pings=150 tg.ping_gap_ms=20 tg.retries=3 tg.io_timeout_ms=400"}),
+    );
+    ok(
+        &mut c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    vmm.wait_for("the guest to reach the host", |out| {
+        out.contains("TG net_peer_mac=")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    snapshot(&mut c, &state, &mem);
+    drop(vmm);
+
+    // The restored VMM reopens the tap by name; the guest's pings go on through it.
+    let sock = dir.path("restored.sock");
+    let mut restored = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
+    let mut c = restored.client();
+    ok(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+    );
+    assert_eq!(
+        restored.wait_exit_within(std::time::Duration::from_secs(60)),
+        0,
+        "{}",
+        restored.output()
+    );
+    let tg: std::collections::BTreeMap<String, String> =
+        common::tg_lines(&restored.console()).into_iter().collect();
+    assert_eq!(tg["net_replies"], "150", "{}", restored.output());
+    assert_eq!(tg["net_pings"], "150");
+}

@@ -27,12 +27,24 @@ impl ApiVmm {
     /// Like [`ApiVmm::spawn`], in the working directory `cwd` (relative paths in the VM's
     /// configuration are then that directory's, as under Firecracker's jailer).
     pub fn spawn_in(cwd: Option<&std::path::Path>, args: &[&str]) -> Self {
+        Self::spawn_with(&[], cwd, args)
+    }
+
+    /// Like [`ApiVmm::spawn_in`], run through `prefix` (e.g. `ip netns exec NAME`).
+    pub fn spawn_with(prefix: &[&str], cwd: Option<&std::path::Path>, args: &[&str]) -> Self {
         let socket = args
             .iter()
             .position(|a| *a == "--api-sock")
             .map(|i| PathBuf::from(args[i + 1]))
             .unwrap_or_default();
-        let mut command = Command::new(anvil_vmm());
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(anvil_vmm());
+                c
+            }
+            None => Command::new(anvil_vmm()),
+        };
         if let Some(dir) = cwd {
             command.current_dir(dir);
         }

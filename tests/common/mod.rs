@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 pub mod api_vmm;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::io::Read;

@@ -4,7 +4,9 @@
 //!
 //! Parameters: `tg.ip` (10.0.0.2), `tg.peer` (10.0.0.1), `tg.pings` (8), `tg.size` (56 payload
 //! bytes, at most 1472), `tg.net_index` (0: the first network device on the command line),
-//! `tg.io_timeout_ms` (5000: per ARP attempt and per echo reply), `tg.arp` (1; with 0 the
+//! `tg.io_timeout_ms` (5000: per ARP attempt and per echo reply), `tg.retries` (0: echo
+//! requests sent again after a timeout, in all), `tg.ping_gap_ms` (0: a pause before each echo
+//! request), `tg.arp` (1; with 0 the
 //! guest does not ARP: the first echo request goes to the broadcast MAC and the peer's MAC is
 //! learned from its reply, so the host has to ARP for us and our responder is exercised).
 //!
@@ -502,15 +504,28 @@ pub fn run(info: &BootInfo, params: &Params<'_>) -> ! {
     let id = (io::rdtsc() as u16) | 1;
     let mut rtt = [0u64; MAX_PINGS];
     let mut replies = 0usize;
+    let mut retries = param(params, "retries", 0);
+    let gap = param(params, "ping_gap_ms", 0).saturating_mul(khz);
     for seq in 0..pings as u16 {
-        let start = io::rdtsc();
+        if gap > 0 {
+            time::wait_until(io::rdtsc().wrapping_add(gap));
+        }
+        let mut start = io::rdtsc();
         // Without ARP the first request goes to the broadcast address: the host must then
         // ARP for us to answer it.
         net.send_echo(peer_mac.unwrap_or(BROADCAST), id, seq, size as usize);
-        let deadline = start.wrapping_add(timeout);
+        let mut deadline = start.wrapping_add(timeout);
         loop {
             if !before(deadline) {
-                exit::fail(format_args!("no echo reply for sequence {seq}"));
+                if retries == 0 {
+                    exit::fail(format_args!("no echo reply for sequence {seq}"));
+                }
+                // A reply lost (the VM was snapshotted and moved meanwhile): ask again.
+                retries -= 1;
+                crate::tg!("net_retry seq={seq}");
+                start = io::rdtsc();
+                net.send_echo(peer_mac.unwrap_or(BROADCAST), id, seq, size as usize);
+                deadline = start.wrapping_add(timeout);
             }
             match net.receive() {
                 Some(Rx::Echo {

@@ -1,0 +1,68 @@
+//! A network namespace with a tap, for tests that give the guest a network.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Runs `ip` with `args`; panics with its output when it fails.
+pub fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("cannot run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace with a tap at 10.0.0.1/24, deleted (tap and all) on drop.
+pub struct NetNs {
+    /// The namespace.
+    pub name: String,
+    /// The tap in it.
+    pub tap: String,
+}
+
+impl NetNs {
+    /// Makes the namespace and its tap.
+    pub fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let ns = NetNs {
+            name: format!("anvil-tgnet-{pid}-{n}"),
+            // Interface names are at most 15 bytes.
+            tap: format!("tgt{:x}n{n}", pid & 0xff_ffff),
+        };
+        ip(&["netns", "add", &ns.name]);
+        // From here on the guard exists, so a failure below still removes the namespace.
+        let (name, tap) = (ns.name.as_str(), ns.tap.as_str());
+        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
+        ip(&["-n", name, "addr", "add", "10.0.0.1/24", "dev", tap]);
+        ip(&["-n", name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// The tap's MAC address as the host sees it.
+    pub fn tap_mac(&self) -> String {
+        let out = ip(&["-n", &self.name, "-o", "link", "show", "dev", &self.tap]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no link/ether in {out}"))
+            .to_string()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let out = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        if !matches!(&out, Ok(o) if o.status.success()) {
+            eprintln!("cannot delete network namespace {}: {out:?}", self.name);
+        }
+    }
+}
