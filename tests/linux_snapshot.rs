@@ -1,6 +1,7 @@
-//! The Linux lane of snapshots: the shared Linux guest, counting and checking a checksummed
-//! buffer in its memory, is paused, snapshotted, killed and loaded in a new process; it goes
-//! on counting from where it stopped, its buffer intact and its clock sane. Skips (loudly)
+//! The Linux lane of snapshots: the shared Linux guest, counting, checking a checksummed
+//! buffer in its memory, reading back a disk it wrote and pinging the host through a tap, is
+//! paused, snapshotted, killed and loaded in a new process; it goes on counting from where it
+//! stopped, its buffer and disk intact, its network working and its clock sane. Skips (loudly)
 //! where KVM cannot run Linux; `.ci/run` runs it inside the L1 machine.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -17,18 +18,24 @@ fn put(c: &mut api_server::client::Client, path: &str, body: serde_json::Value) 
     assert_eq!(r.status, 204, "PUT {path}: {r:?}");
 }
 
-/// The guest's `tick=N sum=S epoch=E` lines.
-fn ticks(vmm: &ApiVmm) -> Vec<(u64, String, u64)> {
+/// The guest's `tick=N sum=S epoch=E disk=D net=ok|fail` lines, as key-value maps.
+fn ticks(vmm: &ApiVmm) -> Vec<std::collections::BTreeMap<String, String>> {
     vmm.console()
         .lines()
-        .filter_map(|l| {
-            let mut it = l.trim_end_matches('\r').split_whitespace();
-            let n = it.next()?.strip_prefix("tick=")?.parse().ok()?;
-            let sum = it.next()?.strip_prefix("sum=")?.to_string();
-            let epoch = it.next()?.strip_prefix("epoch=")?.parse().ok()?;
-            Some((n, sum, epoch))
+        .filter(|l| l.starts_with("tick="))
+        .map(|l| {
+            l.trim_end_matches('\r')
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         })
+        .filter(|m: &std::collections::BTreeMap<String, String>| m.len() == 5)
         .collect()
+}
+
+fn num(m: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
+    m[key].parse().unwrap()
 }
 
 #[test]
@@ -38,17 +45,40 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
     }
     let dir = linux_guest_dir();
     let work = SockDir::new("linux-snap");
+    // The VMM runs in a network namespace with a tap at 10.0.0.1; the guest has a data disk.
+    let ns = common::netns::NetNs::new();
+    let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+    let disk = work.path.join("data.img");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let sock = work.path.join("source.sock");
-    let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let vmm = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = vmm.client();
     put(
         &mut c,
         "/machine-config",
         serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256}),
     );
-    // 8 MiB of random data in tmpfs (guest memory), its checksum printed with every tick.
-    let cmd = "head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
-               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32) epoch=$(date +%s); sleep 0.3; done";
+    put(
+        &mut c,
+        "/drives/data",
+        serde_json::json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
+    );
+    put(
+        &mut c,
+        "/network-interfaces/eth0",
+        serde_json::json!({"iface_id": "eth0", "host_dev_name": ns.tap}),
+    );
+    // 8 MiB of random data in tmpfs (guest memory) and 1 MiB written to the disk; every tick
+    // prints the buffer's checksum, the disk's read back past the page cache, and whether the
+    // host answers a ping.
+    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
+               head -c 8388608 /dev/urandom > /tmp/buf; head -c 1048576 /dev/urandom > /tmp/d; \
+               dd if=/tmp/d of=/dev/vda bs=1048576 count=1 conv=fsync 2>/dev/null; \
+               echo dsum=$(md5sum < /tmp/d | cut -c1-32); i=0; while true; do i=$((i+1)); \
+               echo 3 > /proc/sys/vm/drop_caches; \
+               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32) epoch=$(date +%s) \
+               disk=$(dd if=/dev/vda bs=1048576 count=1 2>/dev/null | md5sum | cut -c1-32) \
+               net=$(ping -c1 -W2 10.0.0.1 >/dev/null 2>&1 && echo ok || echo fail); sleep 0.3; done";
     put(
         &mut c,
         "/boot-source",
@@ -77,12 +107,28 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
         serde_json::json!({"snapshot_path": state, "mem_file_path": mem}),
     );
     let before = ticks(&vmm);
-    let (last, sum, _) = before.last().unwrap().clone();
+    let last = num(before.last().unwrap(), "tick");
+    let sum = before.last().unwrap()["sum"].clone();
+    let dsum = vmm
+        .console()
+        .lines()
+        .find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("dsum=")
+                .map(str::to_string)
+        })
+        .unwrap();
+    assert!(
+        before.iter().all(|t| t["disk"] == dsum && t["net"] == "ok"),
+        "disk or network wrong before the snapshot: {before:?}\n{}",
+        vmm.output()
+    );
     drop(vmm);
     std::thread::sleep(Duration::from_secs(2));
 
+    // Disks and taps are reopened by path and name.
     let sock = work.path.join("restored.sock");
-    let restored = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    let restored = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = restored.client();
     put(
         &mut c,
@@ -98,20 +144,30 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
     });
     let after = ticks(&restored);
     assert_eq!(
-        after[0].0,
+        num(&after[0], "tick"),
         last + 1,
         "the guest must continue from tick {last}, not restart: {after:?}\n{}",
         restored.output()
     );
     assert!(
-        after.iter().all(|(_, s, _)| *s == sum),
+        after.iter().all(|t| t["sum"] == sum),
         "the buffer in guest memory changed: {sum} before, {after:?} after"
+    );
+    assert!(
+        after.iter().all(|t| t["disk"] == dsum),
+        "the disk reads differently after the restore: {dsum} written, {after:?}"
+    );
+    // A ping in flight across the move may be lost; the ones after it are answered.
+    assert_eq!(
+        after.last().unwrap()["net"],
+        "ok",
+        "the network does not work after the restore: {after:?}"
     );
     let host = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let guest = after.last().unwrap().2;
+    let guest = num(after.last().unwrap(), "epoch");
     assert!(
         host.abs_diff(guest) < 120,
         "guest clock {guest} is far from the host's {host}"
