@@ -419,65 +419,6 @@ fn linux_talks_to_the_host_over_virtio_net() {
     assert_eq!(run.status.code(), Some(0), "{run}");
 }
 
-/// A static helper for the guest: connects to the host over AF_VSOCK (CID 2, the port in
-/// argv[1]), sends argv[2], prints what comes back.
-const VSOCK_CLIENT_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/socket.h>
-#include <linux/vm_sockets.h>
-int main(int argc, char **argv) {
-    if (argc != 3) return 2;
-    int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
-    struct sockaddr_vm addr = {0};
-    addr.svm_family = AF_VSOCK;
-    addr.svm_cid = 2;
-    addr.svm_port = (unsigned)atoi(argv[1]);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) { perror("vsock connect"); return 1; }
-    size_t len = strlen(argv[2]);
-    if (write(fd, argv[2], len) != (ssize_t)len) { perror("vsock write"); return 1; }
-    shutdown(fd, SHUT_WR);
-    char buf[4096];
-    ssize_t n, total = 0;
-    printf("vsock-reply=");
-    while ((n = read(fd, buf, sizeof buf)) > 0) { fwrite(buf, 1, n, stdout); total += n; }
-    printf("\nvsock-bytes=%zd\n", total);
-    return 0;
-}
-"#;
-
-/// One file in a newc cpio archive.
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let name_z = format!("{name}\0");
-    let header = format!(
-        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-        1,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len(),
-        0,
-        0,
-        0,
-        0,
-        name_z.len(),
-        0
-    );
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(name_z.as_bytes());
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-}
-
 /// Linux's AF_VSOCK driver talks to a host Unix socket through anvil's hybrid vsock: a guest
 /// program connects to host port 5005, the test's listener on `<socket>_5005` echoes.
 #[test]
@@ -486,33 +427,7 @@ fn linux_vsock_round_trip_to_a_host_socket() {
         return;
     }
     let tmp = common::TempDir::new("linux-vsock");
-    // Build the guest helper and append it to the initramfs (Linux unpacks concatenated cpio
-    // archives in order).
-    let src = tmp.path("vsock-client.c");
-    std::fs::write(&src, VSOCK_CLIENT_C).unwrap();
-    let bin = tmp.path("vsock-client");
-    let status = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .status()
-        .expect("run cc");
-    assert!(status.success(), "cannot build the guest's vsock helper");
-    let mut extra = Vec::new();
-    cpio_entry(
-        &mut extra,
-        "bin/vsock-client",
-        0o100755,
-        &std::fs::read(&bin).unwrap(),
-    );
-    cpio_entry(&mut extra, "TRAILER!!!", 0, &[]);
-    let mut initrd = std::fs::read(linux_guest_dir().join("initramfs.cpio.gz")).unwrap();
-    while !initrd.len().is_multiple_of(4) {
-        initrd.push(0);
-    }
-    initrd.extend_from_slice(&extra);
-    let initrd_path = tmp.path("initramfs.cpio");
-    std::fs::write(&initrd_path, &initrd).unwrap();
+    let initrd_path = common::vsock_guest::initramfs_with_vsock_client(&tmp);
 
     let sock_dir = SockDir::new("vsock");
     let sock = sock_dir.path.join("v.sock");

@@ -1,8 +1,9 @@
 //! The Linux lane of snapshots: the shared Linux guest, counting, checking a checksummed
-//! buffer in its memory, reading back a disk it wrote and pinging the host through a tap, is
-//! paused, snapshotted, killed and loaded in a new process; it goes on counting from where it
-//! stopped, its buffer and disk intact, its network working and its clock sane. Skips (loudly)
-//! where KVM cannot run Linux; `.ci/run` runs it inside the L1 machine.
+//! buffer in its memory, reading back a disk it wrote, pinging the host through a tap and
+//! reaching a host service over vsock, is paused, snapshotted, killed and loaded in a new
+//! process; it goes on counting from where it stopped, its buffer and disk intact, its network
+//! and vsock working and its clock sane. Skips (loudly) where KVM cannot run Linux; `.ci/run`
+//! runs it inside the L1 machine.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
@@ -18,7 +19,7 @@ fn put(c: &mut api_server::client::Client, path: &str, body: serde_json::Value) 
     assert_eq!(r.status, 204, "PUT {path}: {r:?}");
 }
 
-/// The guest's `tick=N sum=S epoch=E disk=D net=ok|fail` lines, as key-value maps.
+/// The guest's `tick=N sum=S epoch=E disk=D net=ok|fail vsock=1|0` lines, as key-value maps.
 fn ticks(vmm: &ApiVmm) -> Vec<std::collections::BTreeMap<String, String>> {
     vmm.console()
         .lines()
@@ -30,7 +31,7 @@ fn ticks(vmm: &ApiVmm) -> Vec<std::collections::BTreeMap<String, String>> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         })
-        .filter(|m: &std::collections::BTreeMap<String, String>| m.len() == 5)
+        .filter(|m: &std::collections::BTreeMap<String, String>| m.len() == 6)
         .collect()
 }
 
@@ -50,6 +51,22 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
     let prefix = ["ip", "netns", "exec", ns.name.as_str()];
     let disk = work.path.join("data.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    // A host service on vsock port 5005 echoing every connection, for the guest's client.
+    let tmp = common::TempDir::new("linux-snap-vsock");
+    let initrd = common::vsock_guest::initramfs_with_vsock_client(&tmp);
+    let vsock = work.path.join("v.sock");
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5005", vsock.display())).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut got = Vec::new();
+            if std::io::Read::read_to_end(&mut stream, &mut got).is_ok() {
+                let _ = std::io::Write::write_all(&mut stream, b"echo:");
+                let _ = std::io::Write::write_all(&mut stream, &got);
+            }
+        }
+    });
     let sock = work.path.join("source.sock");
     let vmm = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = vmm.client();
@@ -68,6 +85,11 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
         "/network-interfaces/eth0",
         serde_json::json!({"iface_id": "eth0", "host_dev_name": ns.tap}),
     );
+    put(
+        &mut c,
+        "/vsock",
+        serde_json::json!({"guest_cid": 7, "uds_path": vsock}),
+    );
     // 8 MiB of random data in tmpfs (guest memory) and 1 MiB written to the disk; every tick
     // prints the buffer's checksum, the disk's read back past the page cache, and whether the
     // host answers a ping.
@@ -78,13 +100,14 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
                echo 3 > /proc/sys/vm/drop_caches; \
                echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32) epoch=$(date +%s) \
                disk=$(dd if=/dev/vda bs=1048576 count=1 2>/dev/null | md5sum | cut -c1-32) \
-               net=$(ping -c1 -W2 10.0.0.1 >/dev/null 2>&1 && echo ok || echo fail); sleep 0.3; done";
+               net=$(ping -c1 -W2 10.0.0.1 >/dev/null 2>&1 && echo ok || echo fail) \
+               vsock=$(/bin/vsock-client 5005 t$i | grep -c vsock-reply=echo:t$i); sleep 0.3; done";
     put(
         &mut c,
         "/boot-source",
         serde_json::json!({
             "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initramfs.cpio.gz"),
+            "initrd_path": initrd,
             "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
         }),
     );
@@ -119,8 +142,10 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
         })
         .unwrap();
     assert!(
-        before.iter().all(|t| t["disk"] == dsum && t["net"] == "ok"),
-        "disk or network wrong before the snapshot: {before:?}\n{}",
+        before
+            .iter()
+            .all(|t| t["disk"] == dsum && t["net"] == "ok" && t["vsock"] == "1"),
+        "disk, network or vsock wrong before the snapshot: {before:?}\n{}",
         vmm.output()
     );
     drop(vmm);
@@ -157,11 +182,18 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
         after.iter().all(|t| t["disk"] == dsum),
         "the disk reads differently after the restore: {dsum} written, {after:?}"
     );
-    // A ping in flight across the move may be lost; the ones after it are answered.
+    // A ping or vsock connection in flight across the move may be lost (vsock connections
+    // are reset, as Firecracker does); the ones after it work.
     assert_eq!(
         after.last().unwrap()["net"],
         "ok",
         "the network does not work after the restore: {after:?}"
+    );
+    assert_eq!(
+        after.last().unwrap()["vsock"],
+        "1",
+        "vsock does not work after the restore: {after:?}\n{}",
+        restored.output()
     );
     let host = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -4,6 +4,7 @@
 
 pub mod api_vmm;
 pub mod netns;
+pub mod vsock_guest;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -318,7 +319,8 @@ impl SockDir {
 impl Drop for SockDir {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg(&self.path).status();
+            // Lazily: a test may still hold a socket in it (a listener thread).
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         }
         let _ = std::fs::remove_dir_all(&self.path);
     }
