@@ -413,6 +413,38 @@ fn default_mac(tap: &str, index: usize) -> [u8; 6] {
     ]
 }
 
+/// A vCPU on `fd` wired to the VM's buses, its event channel and metrics, and the sender of
+/// its requests (the same for a booted and a restored VM).
+#[allow(clippy::too_many_arguments)]
+fn new_vcpu(
+    id: u8,
+    fd: kvm_ioctls::VcpuFd,
+    devices: &DeviceManager,
+    events_tx: &Sender<VcpuEvent>,
+    events_evt: &EventFd,
+    start: Instant,
+    msr_list: &std::sync::Arc<Vec<u32>>,
+    metrics: &mut Registry,
+) -> Result<(Vcpu, Sender<VcpuRequest>), VmmError> {
+    let (req_tx, req_rx) = channel();
+    let evt = events_evt
+        .try_clone()
+        .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
+    let mut vcpu = Vcpu::new(
+        id,
+        fd,
+        devices.pio_bus.clone(),
+        devices.mmio_bus.clone(),
+        events_tx.clone(),
+        evt,
+        req_rx,
+        start,
+    );
+    vcpu.set_metrics(metrics.add_vcpu());
+    vcpu.set_msr_list(msr_list.clone());
+    Ok((vcpu, req_tx))
+}
+
 fn vcpu_error<E: std::error::Error + Send + Sync + 'static>(
     id: u8,
     what: &'static str,
@@ -609,22 +641,16 @@ impl Vmm {
                 arch::regs::setup_sregs(guest_memory, &fd, kernel.protocol)
                     .map_err(vcpu_error(id, "set special registers"))?;
             }
-            let (req_tx, req_rx) = channel();
-            let evt = vcpu_events_evt
-                .try_clone()
-                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
-            let mut vcpu = Vcpu::new(
+            let (vcpu, req_tx) = new_vcpu(
                 id,
                 fd,
-                devices.pio_bus.clone(),
-                devices.mmio_bus.clone(),
-                events_tx.clone(),
-                evt,
-                req_rx,
+                &devices,
+                &events_tx,
+                &vcpu_events_evt,
                 start,
-            );
-            vcpu.set_metrics(metrics.add_vcpu());
-            vcpu.set_msr_list(msr_list.clone());
+                &msr_list,
+                &mut metrics,
+            )?;
             vcpus.push(vcpu);
             vcpu_requests.push(req_tx);
         }
@@ -730,22 +756,16 @@ impl Vmm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(vcpu_error(id, "create"))?;
-            let (req_tx, req_rx) = channel();
-            let evt = vcpu_events_evt
-                .try_clone()
-                .map_err(|e| VmmError::EventLoop("clone the vCPU event fd", e))?;
-            let mut vcpu = Vcpu::new(
+            let (vcpu, req_tx) = new_vcpu(
                 id,
                 fd,
-                devices.pio_bus.clone(),
-                devices.mmio_bus.clone(),
-                events_tx.clone(),
-                evt,
-                req_rx,
+                &devices,
+                &events_tx,
+                &vcpu_events_evt,
                 start,
-            );
-            vcpu.set_msr_list(msr_list.clone());
-            vcpu.set_metrics(metrics.add_vcpu());
+                &msr_list,
+                &mut metrics,
+            )?;
             vcpu.restore(saved)
                 .map_err(|why| snapshot_error(format!("vCPU {id}: {why}")))?;
             vcpus.push(vcpu);
