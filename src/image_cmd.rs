@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use oci::{Image, ImageRef, RegistryOptions, Store};
 use serde::Serialize;
-use vmm::config::{parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig};
+use vmm::config::{parse_disks, parse_mem_size_mib, parse_nets, validate_vcpu_count, VsockConfig};
 use vmm::{VmConfig, VmOutcome, Vmm};
 
 /// Exit status of `run` when anvil itself fails (as `docker run` does): the workload's own
@@ -665,18 +665,8 @@ fn run_vm(
         vcpu_count,
         mem_size_mib,
         rng: true,
-        disks: disks
-            .iter()
-            .enumerate()
-            .map(|(i, text)| DiskConfig::parse(text, i))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("invalid --disk: {e}"))?,
-        nets: args
-            .net
-            .iter()
-            .map(|text| NetConfig::parse(text))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("invalid --net: {e}"))?,
+        disks: parse_disks(&disks).map_err(|e| format!("invalid --disk: {e}"))?,
+        nets: parse_nets(&args.net).map_err(|e| format!("invalid --net: {e}"))?,
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: uds.clone(),

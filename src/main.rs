@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::config::{
-    parse_mem_size_mib, validate_vcpu_count, DiskConfig, NetConfig, VsockConfig, DEFAULT_CMDLINE,
+    parse_disks, parse_mem_size_mib, parse_nets, validate_vcpu_count, VsockConfig, DEFAULT_CMDLINE,
 };
 use vmm::{BootProtocolChoice, SeccompLevel, VmConfig, VmOutcome, Vmm};
 
@@ -287,19 +287,8 @@ fn vm_config(args: BootArgs) -> Result<VmConfig, String> {
         kvm_device: args.kvm_device,
         rng: args.rng,
         track_dirty_pages: false,
-        disks: args
-            .disk
-            .iter()
-            .enumerate()
-            .map(|(i, text)| DiskConfig::parse(text, i))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("invalid --disk: {e}"))?,
-        nets: args
-            .net
-            .iter()
-            .map(|text| NetConfig::parse(text))
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("invalid --net: {e}"))?,
+        disks: parse_disks(&args.disk).map_err(|e| format!("invalid --disk: {e}"))?,
+        nets: parse_nets(&args.net).map_err(|e| format!("invalid --net: {e}"))?,
         vsock: args
             .vsock
             .as_deref()

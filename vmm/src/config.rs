@@ -234,6 +234,20 @@ pub fn parse_bucket(text: &str) -> Option<TokenBucketConfig> {
     })
 }
 
+/// Parses `--disk` values in order (the default IDs follow their positions).
+pub fn parse_disks(texts: &[String]) -> Result<Vec<DiskConfig>, ConfigError> {
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| DiskConfig::parse(text, i))
+        .collect()
+}
+
+/// Parses `--net` values in order.
+pub fn parse_nets(texts: &[String]) -> Result<Vec<NetConfig>, ConfigError> {
+    texts.iter().map(|text| NetConfig::parse(text)).collect()
+}
+
 /// Longest disk ID accepted.
 pub const MAX_DISK_ID_LEN: usize = 64;
 
