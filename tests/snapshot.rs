@@ -16,6 +16,22 @@ fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
     assert_eq!(r.status, 204, "{method} {path}: {r:?}");
 }
 
+/// Sets the test guest with `cmdline` (after `console=ttyS0`) as the boot source and starts it.
+fn start_guest(c: &mut Client, cmdline: &str) {
+    ok(
+        c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": testguest(), "boot_args": format!("console=ttyS0 {cmdline}")}),
+    );
+    ok(
+        c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+}
+
 /// Boots the test guest over the API with `cmdline`, waits for `ready` on its console.
 fn boot(dir: &TempDir, name: &str, cmdline: &str, ready: &str) -> (ApiVmm, Client) {
     let sock = dir.path(&format!("{name}.sock"));
@@ -27,18 +43,7 @@ fn boot(dir: &TempDir, name: &str, cmdline: &str, ready: &str) -> (ApiVmm, Clien
         "/machine-config",
         serde_json::json!({"vcpu_count": 2, "mem_size_mib": 64}),
     );
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(), "boot_args": format!("console=ttyS0 {cmdline}")}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_guest(&mut c, cmdline);
     vmm.wait_for(ready, |out| out.contains(ready));
     (vmm, c)
 }
@@ -59,8 +64,14 @@ fn load(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (ApiVmm, Client)
     let sock = dir.path(&format!("{name}.sock"));
     let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
     let mut c = vmm.client();
+    resume_from(&mut c, state, mem);
+    (vmm, c)
+}
+
+/// Loads the snapshot (File backend) into the fresh VMM behind `c` and resumes it.
+fn resume_from(c: &mut Client, state: &Path, mem: &Path) {
     ok(
-        &mut c,
+        c,
         "PUT",
         "/snapshot/load",
         serde_json::json!({
@@ -69,7 +80,6 @@ fn load(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (ApiVmm, Client)
             "resume_vm": true,
         }),
     );
-    (vmm, c)
 }
 
 fn counts(vmm: &ApiVmm) -> Vec<u64> {
@@ -241,12 +251,7 @@ fn damaged_snapshot_files_are_refused_clearly() {
     assert_eq!(r.status, 400);
     assert!(r.body.contains("the snapshot needs"), "{r:?}");
     // The good one still loads in this same VMM afterwards.
-    ok(
-        &mut c,
-        "PUT",
-        "/snapshot/load",
-        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
-    );
+    resume_from(&mut c, &state, &mem);
     target.wait_for("the counter", |_| !counts(&target).is_empty());
 }
 
@@ -269,18 +274,9 @@ fn a_diff_snapshot_merged_onto_its_base_equals_a_full_one() {
         "/machine-config",
         serde_json::json!({"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}),
     );
-    ok(
+    start_guest(
         &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(),
-            "boot_args": "console=ttyS0 tg.run=memtest tg.rounds=40 tg.dirty_pages=16 tg.dirty_rate=320 tg.mem_limit_mib=24"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
+        "tg.run=memtest tg.rounds=40 tg.dirty_pages=16 tg.dirty_rate=320 tg.mem_limit_mib=24",
     );
     vmm.wait_for("round 3", |out| out.contains("TG round=3 "));
     let (base_state, base_mem) = (dir.path("base.snap"), dir.path("base.mem"));
@@ -351,18 +347,7 @@ fn a_diff_snapshot_merged_onto_its_base_equals_a_full_one() {
     let sock = dir.path("plain.sock");
     let plain = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
     let mut c = plain.client();
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=counter"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_guest(&mut c, "tg.run=counter");
     ok(
         &mut c,
         "PATCH",
@@ -473,18 +458,7 @@ fn a_disk_keeps_working_after_a_restore() {
         "/drives/data",
         serde_json::json!({"drive_id": "data", "path_on_host": first, "is_root_device": false, "is_read_only": false}),
     );
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=blk tg.blk_watch_ms=60000"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_guest(&mut c, "tg.run=blk tg.blk_watch_ms=60000");
     vmm.wait_for("the blk workload to watch", |out| {
         out.contains("TG blk_watching")
     });
@@ -550,18 +524,9 @@ fn vsock_serves_a_host_connection_after_a_restore() {
         "/vsock",
         serde_json::json!({"guest_cid": 3, "uds_path": uds}),
     );
-    ok(
+    start_guest(
         &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(),
-            "boot_args": "console=ttyS0 tg.run=vsock tg.vsock_listen=6000 tg.io_timeout_ms=60000"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
+        "tg.run=vsock tg.vsock_listen=6000 tg.io_timeout_ms=60000",
     );
     // The guest has set the device up and waits for a connection.
     vmm.wait_for("the vsock device", |out| out.contains("TG vsock_cid=3"));
@@ -629,18 +594,7 @@ fn clones_each_use_their_own_disk_copy() {
         "/drives/data",
         serde_json::json!({"drive_id": "data", "path_on_host": "disk.img", "is_root_device": false, "is_read_only": false}),
     );
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(), "boot_args": "console=ttyS0 tg.run=blk tg.blk_watch_ms=60000"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_guest(&mut c, "tg.run=blk tg.blk_watch_ms=60000");
     vmm.wait_for("the blk workload", |out| out.contains("TG blk_watching"));
     snapshot(&mut c, &state, &mem);
     drop(vmm);
@@ -654,12 +608,7 @@ fn clones_each_use_their_own_disk_copy() {
         let sock = dir.path(&format!("{name}.sock"));
         let vmm = ApiVmm::spawn_in(Some(&cdir), &["--api-sock", sock.to_str().unwrap()]);
         let mut c = vmm.client();
-        ok(
-            &mut c,
-            "PUT",
-            "/snapshot/load",
-            serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
-        );
+        resume_from(&mut c, &state, &mem);
         clones.push((vmm, c, fill));
     }
     for (_, c, _) in &mut clones {
@@ -705,18 +654,9 @@ fn the_network_works_again_after_a_restore() {
         serde_json::json!({"iface_id": "eth0", "host_dev_name": ns.tap, "guest_mac": "52:54:00:aa:bb:cd"}),
     );
     // 150 pings 20 ms apart (3 s); a reply lost while the VM moves is asked for again.
-    ok(
+    start_guest(
         &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({"kernel_image_path": testguest(),
-            "boot_args": "console=ttyS0 tg.run=net tg.pings=150 tg.ping_gap_ms=20 tg.retries=3 tg.io_timeout_ms=400"}),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
+        "tg.run=net tg.pings=150 tg.ping_gap_ms=20 tg.retries=3 tg.io_timeout_ms=400",
     );
     vmm.wait_for("the guest to reach the host", |out| {
         out.contains("TG net_peer_mac=")
@@ -729,12 +669,7 @@ fn the_network_works_again_after_a_restore() {
     let sock = dir.path("restored.sock");
     let mut restored = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = restored.client();
-    ok(
-        &mut c,
-        "PUT",
-        "/snapshot/load",
-        serde_json::json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
-    );
+    resume_from(&mut c, &state, &mem);
     assert_eq!(
         restored.wait_exit_within(std::time::Duration::from_secs(60)),
         0,
