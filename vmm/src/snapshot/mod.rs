@@ -15,7 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use devices::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use state::{MicrovmState, VcpuState, VmState};
 
@@ -408,7 +409,7 @@ pub fn map_memory(
         )
         .map_err(|e| fail(format!("cannot map it: {e}")))?;
         regions.push(
-            vm_memory::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(r.guest_addr))
+            devices::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(r.guest_addr))
                 .ok_or_else(|| fail("region address overflows".into()))?,
         );
     }
