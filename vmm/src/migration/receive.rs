@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::protocol::{self, Frame, Kind, PAGE_SIZE};
+use super::protocol::{self, Frame, Kind};
 use super::{update, MigrationError, SharedStatus};
 use crate::controller::error_chain;
 use crate::resources::{FullVmConfiguration, NetworkOverride, VmResources};
@@ -198,7 +198,7 @@ fn serve(
     };
     let (resources, config, target) = accept_config(&json, settings)?;
     protocol::write_frame(out, Kind::Ok, &[])?;
-    let zeros = vec![0u8; protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize];
+    let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
     let mut target = Some(target);
     let mut vmm = None;
     loop {
@@ -297,7 +297,7 @@ pub fn apply_pages(
 /// configuration, pages written into `memory`, a state decoded and checked. Never panics;
 /// ends at the first error or at the end of the input.
 pub fn fuzz_frames(memory: &devices::GuestMemoryMmap, bytes: &[u8]) -> Result<(), MigrationError> {
-    let zeros = vec![0u8; protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize];
+    let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
     let mut input = bytes;
     while !input.is_empty() {
         match protocol::read_frame(&mut input)? {
