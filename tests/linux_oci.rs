@@ -36,6 +36,8 @@ echo "pwd=$(pwd)"
 if [ -e /etc/removed ]; then echo "whiteout=not-applied"; else echo "whiteout=applied"; fi
 echo "opaque=$(ls /data/old | tr '\n' ' ')"
 echo "user=$(id -u)"
+echo "group=$(id -g)"
+echo "hostname=$(hostname)"
 echo "lo-flags=$(cat /sys/class/net/lo/flags)"
 echo "on-stderr" >&2
 exit "${1:-0}"
@@ -73,9 +75,9 @@ fn tar_layer(entries: &[(&str, Option<&[u8]>, u32)], symlinks: &[(&str, &str)]) 
     b.into_inner().unwrap()
 }
 
-/// The test image: busybox with its applets, then a layer that whites out /etc/removed,
-/// makes /data/old opaque and adds the entrypoint script.
-fn test_image() -> ImageBuilder {
+/// The test image's layers: busybox with its applets, then a layer that whites out
+/// /etc/removed, makes /data/old opaque and adds the entrypoint script.
+fn test_layers() -> Vec<Vec<u8>> {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (Debian's busybox-static; scripts/test.sh installs it)");
     let list = Command::new("/bin/busybox")
@@ -122,7 +124,12 @@ fn test_image() -> ImageBuilder {
         ],
         &[],
     );
-    ImageBuilder::new(RunConfig {
+    vec![base, top]
+}
+
+/// The test image's configuration: env, entrypoint, cmd and working directory.
+fn test_run_config() -> RunConfig {
+    RunConfig {
         env: Some(vec![
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
             "GREETING=hello-from-the-image".into(),
@@ -131,11 +138,16 @@ fn test_image() -> ImageBuilder {
         cmd: Some(vec!["0".into()]),
         working_dir: Some("/work".into()),
         ..Default::default()
-    })
-    .layer(base)
-    .unwrap()
-    .layer(top)
-    .unwrap()
+    }
+}
+
+/// The test image.
+fn test_image() -> ImageBuilder {
+    test_layers()
+        .into_iter()
+        .fold(ImageBuilder::new(test_run_config()), |image, layer| {
+            image.layer(layer).unwrap()
+        })
 }
 
 /// A local directory that can hold Unix sockets and flock'd files: the temporary directory,
@@ -387,6 +399,177 @@ fn agent_initramfs() -> PathBuf {
         out.join("agent-initramfs.cpio.gz")
     })
     .clone()
+}
+
+/// The agent binary shipped in the initramfs (its `/init`), copied out with cpio.
+fn agent_binary(dir: &LocalDir) -> PathBuf {
+    let out = dir.path("anvil-agent");
+    let extract = Command::new("sh")
+        .arg("-c")
+        .arg(r#"gzip -dc "$1" | cpio -i --quiet --to-stdout init > "$2" && chmod 755 "$2""#)
+        .arg("sh")
+        .arg(agent_initramfs())
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(
+        extract.success(),
+        "cannot extract /init from the agent initramfs"
+    );
+    out
+}
+
+/// One `anvil-agent --local` run: PID 1 of a new PID and mount namespace (util-linux unshare)
+/// over the unpacked root `lower`, with the spec the way `anvil-vmm run` writes it.
+fn run_agent(dir: &LocalDir, agent: &Path, lower: &Path, spec: &serde_json::Value) -> Run {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spec_path = dir.path(&format!("spec-{n}.json"));
+    std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
+    let scratch = dir.path(&format!("scratch-{n}"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--mount", "--fork"])
+        .arg(agent)
+        .arg("--local")
+        .args([&spec_path, lower, &scratch]);
+    run_with_deadline(cmd, Duration::from_secs(60))
+}
+
+/// A spec as `anvil-vmm run` makes it from `config` (ports unused in local mode).
+fn agent_spec(
+    config: &RunConfig,
+    args: &[&str],
+    user: Option<&str>,
+    workdir: Option<&str>,
+) -> serde_json::Value {
+    let mut argv = config.entrypoint.clone().unwrap_or_default();
+    if args.is_empty() {
+        argv.extend(config.cmd.clone().unwrap_or_default());
+    } else {
+        argv.extend(args.iter().map(|a| a.to_string()));
+    }
+    let mut env = config.env.clone().unwrap_or_default();
+    env.push("HOME=/root".into());
+    serde_json::json!({
+        "argv": argv,
+        "env": env,
+        "workdir": workdir.map(str::to_string).or(config.working_dir.clone()).unwrap(),
+        "user": user.map(str::to_string).or(config.user.clone()).unwrap_or_default(),
+        "hostname": "agent-test",
+        "stdout_port": 0,
+        "stderr_port": 0,
+        "status_port": 0,
+    })
+}
+
+/// The guest agent run on this host as PID 1 of new PID and mount namespaces (no VM): over the
+/// test image unpacked by the `oci` unpacker, it runs the entrypoint with the image's env,
+/// working directory and user (`User` from the image configuration, names resolved in the
+/// image's /etc/passwd and /etc/group), brings `lo` up, sets the hostname, keeps the workload's
+/// stdout and stderr apart, passes its exit code (0, non-zero, 128 + signal, 127 for a missing
+/// program) through, and leaves the unpacked root untouched (writes go to the overlay).
+#[test]
+fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
+    let test = "agent_runs_the_workload_as_pid_1_over_the_unpacked_root";
+    let probe = Command::new("unshare")
+        .args(["--pid", "--mount", "--fork", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED {test}: `unshare --pid --mount --fork` is not permitted here (needs root or CAP_SYS_ADMIN): {other:?}"
+            );
+            return;
+        }
+    }
+    let dir = LocalDir::new("oci-agent");
+    let agent = agent_binary(&dir);
+    let lower = dir.path("rootfs");
+    let mut unpacker = oci::unpack::Unpacker::new(&lower, Default::default()).unwrap();
+    for layer in test_layers() {
+        unpacker.apply_layer(&layer[..], None).unwrap();
+    }
+    let config = RunConfig {
+        user: Some("nobody".into()),
+        ..test_run_config()
+    };
+
+    let image_user = run_agent(&dir, &agent, &lower, &agent_spec(&config, &[], None, None));
+    let lines: Vec<&str> = image_user.stdout.lines().collect();
+    for expected in [
+        "greeting=hello-from-the-image",
+        "pwd=/work",
+        "whiteout=applied",
+        "opaque=upper-file ",
+        "user=65534",
+        "group=65534",
+        "hostname=agent-test",
+        "lo-flags=0x9",
+    ] {
+        assert!(
+            lines.contains(&expected),
+            "missing {expected:?}: {image_user}"
+        );
+    }
+    assert!(
+        !image_user.stdout.contains("on-stderr"),
+        "stderr leaked into stdout: {image_user}"
+    );
+    assert_eq!(image_user.stderr.trim(), "on-stderr", "{image_user}");
+    assert_eq!(image_user.status.code(), Some(0), "{image_user}");
+
+    // Numeric uid with a named group, a working directory the image lacks, a non-zero exit.
+    let flags = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &["7"], Some("1234:nogroup"), Some("/new/dir")),
+    );
+    for expected in ["user=1234", "group=65534", "pwd=/new/dir"] {
+        assert!(
+            flags.stdout.lines().any(|l| l == expected),
+            "missing {expected:?}: {flags}"
+        );
+    }
+    assert_eq!(flags.status.code(), Some(7), "{flags}");
+    assert!(
+        !lower.join("new").exists(),
+        "the run wrote into the unpacked root"
+    );
+
+    let shell = RunConfig {
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        ..config.clone()
+    };
+    let killed = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&shell, &["kill -KILL $$"], None, None),
+    );
+    assert_eq!(killed.status.code(), Some(128 + 9), "{killed}");
+
+    let missing = RunConfig {
+        entrypoint: Some(vec!["/no/such/program".into()]),
+        ..config.clone()
+    };
+    let missing = run_agent(&dir, &agent, &lower, &agent_spec(&missing, &[], None, None));
+    assert_eq!(missing.status.code(), Some(127), "{missing}");
+    assert!(missing.stderr.contains("cannot run"), "{missing}");
+
+    let unknown = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &[], Some("nosuchuser"), None),
+    );
+    assert_eq!(unknown.status.code(), Some(126), "{unknown}");
+    assert!(
+        unknown.stderr.contains("no user \"nosuchuser\""),
+        "{unknown}"
+    );
 }
 
 /// `anvil-vmm run [flags] IMAGE [-- workload args]`.
