@@ -316,6 +316,23 @@ fn agent_spec(args: &RunArgs, image: &Image) -> Result<AgentSpec, String> {
     })
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock benchmark scripts read (Python's
+/// `time.monotonic_ns`), so they can place these log lines against their own spawn time.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
+}
+
 /// Appends one newc cpio entry.
 fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) -> Result<(), String> {
     let name_z = format!("{name}\0");
@@ -675,8 +692,20 @@ fn run_vm(
         ..VmConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
+    // Phase marks for scripts/bench/oci_bench.py (with vCPU 0's first KVM_RUN line between them):
+    // image preparation ends here, the guest's time ends when `run` returns.
+    tracing::info!(
+        since_start_us = micros(start.elapsed()),
+        monotonic_us = monotonic_us(),
+        "image prepared; starting the VM"
+    );
     let vmm = Vmm::build(&config, start).map_err(|e| error_line(&e))?;
     let outcome = vmm.run(None, None).map_err(|e| error_line(&e))?;
+    tracing::info!(
+        since_start_us = micros(start.elapsed()),
+        monotonic_us = monotonic_us(),
+        "VM stopped"
+    );
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let status = finish(status, deadline).unwrap_or_default();
     finish(stdout, deadline);
