@@ -349,6 +349,10 @@ impl Store {
                     source,
                 })?;
         }
+        unpacker.finish().map_err(|source| ImageError::Unpack {
+            digest: Digest::of(b""),
+            source,
+        })?;
         let tmp_disk = scratch.join("disk.ext4");
         let size = crate::ext4::build(&root, &tmp_disk)?;
         fs::rename(&tmp_disk, disk).map_err(io_err(disk))?;

@@ -25,12 +25,16 @@ impl Drop for TempDir {
     }
 }
 
+/// The modification time of every layer entry (0x000f4240 seconds since the epoch).
+const LAYER_MTIME: u64 = 1_000_000;
+
 fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o755);
+        h.set_mtime(LAYER_MTIME);
         h.set_cksum();
         b.append_data(&mut h, name, *data).unwrap();
     }
@@ -75,6 +79,16 @@ fn layout_and_archive_give_the_same_cached_disk() {
     let etc = debugfs_ls(&a.disk, "/etc");
     assert!(!etc.contains("old"), "whiteout not applied: {etc}");
     assert!(debugfs_ls(&a.disk, "/w").contains("file"));
+    let stat = std::process::Command::new("debugfs")
+        .args(["-R", "stat /bin/true"])
+        .arg(&a.disk)
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        stat.contains(&format!("mtime: {LAYER_MTIME:#010x}:")),
+        "the layer's mtime was not kept: {stat}"
+    );
 
     let archive_ref =
         ImageRef::parse(&format!("docker-archive:{}", t.0.join("img.tar").display())).unwrap();
