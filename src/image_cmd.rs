@@ -599,6 +599,7 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
     };
     let code = match run_vm(
         &janitor,
+        &store,
         &args,
         &image,
         &spec,
@@ -624,6 +625,7 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
 #[allow(clippy::too_many_arguments)]
 fn run_vm(
     janitor: &Janitor,
+    store: &Store,
     args: &RunArgs,
     image: &Image,
     spec: &AgentSpec,
@@ -635,7 +637,9 @@ fn run_vm(
     start: Instant,
 ) -> Result<u8, String> {
     let rw_disk = run_dir.join("rw.ext4");
-    oci::ext4::build_empty(&rw_disk, SCRATCH_DISK_MIB).map_err(|e| error_line(&e))?;
+    store
+        .scratch_disk(&rw_disk, SCRATCH_DISK_MIB)
+        .map_err(|e| error_line(&e))?;
     let initrd = run_dir.join("initrd.cpio");
     write_initrd(agent, spec, &initrd)?;
 

@@ -226,3 +226,40 @@ fn hostile_layer_is_refused_with_a_clear_error() {
     assert!(text.contains("hostile layer"), "{text}");
     assert!(!t.0.join("escape").exists() && !t.0.join("data/escape").exists());
 }
+
+/// Runs' writable layers are sparse copies of one empty file system made per size: each copy
+/// is a clean ext4 file system (e2fsck), and the template is made once.
+#[test]
+fn scratch_disks_are_clean_sparse_copies_of_one_template() {
+    use std::os::unix::fs::MetadataExt;
+    let t = TempDir::new("scratch");
+    let store = Store::open(&t.0.join("data")).unwrap();
+    let template = t.0.join("data/disks/empty-256M.ext4");
+    for name in ["a.ext4", "b.ext4"] {
+        let disk = t.0.join(name);
+        store.scratch_disk(&disk, 256).unwrap();
+        let meta = fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 256 << 20);
+        assert!(
+            meta.blocks() * 512 <= fs::metadata(&template).unwrap().blocks() * 512,
+            "the copy is not sparse"
+        );
+        let fsck = std::process::Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert!(debugfs_ls(&disk, "/").contains("lost+found"));
+    }
+    let modified = fs::metadata(&template).unwrap().modified().unwrap();
+    store.scratch_disk(&t.0.join("c.ext4"), 256).unwrap();
+    assert_eq!(
+        fs::metadata(&template).unwrap().modified().unwrap(),
+        modified
+    );
+}
