@@ -284,10 +284,16 @@ def main():
         registry.push(config, layer, manifest)
         print(f"image: one layer, {len(layer)} bytes gzip, {registry.reference()}", flush=True)
         env = dict(os.environ, ANVIL_LOG="info", TMPDIR=workdir)
+        # The kernel and agent sit beside the cache, as DATA/guest/ would hold them (inside L1
+        # the repository is on 9p, where reading the 16 MB vmlinux alone takes up to a second).
+        guest = os.path.join(workdir, "guest")
+        os.makedirs(guest)
+        kernel = shutil.copy(args.kernel, guest)
+        agent_copy = shutil.copy(agent, guest)
 
         def cmd(data):
-            return [bench.ANVIL, "run", "--data-dir", data, "--rm", "--kernel", args.kernel,
-                    "--agent", agent, registry.reference(), "--", "true"]
+            return [bench.ANVIL, "run", "--data-dir", data, "--rm", "--kernel", kernel,
+                    "--agent", agent_copy, registry.reference(), "--", "true"]
 
         warm_data = os.path.join(workdir, "warm")
         subprocess.run([bench.ANVIL, "pull", "--data-dir", warm_data, registry.reference()],
