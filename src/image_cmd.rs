@@ -26,6 +26,7 @@ const EXIT_ERROR: u8 = 1;
 const PORT_STDOUT: u32 = 1000;
 const PORT_STDERR: u32 = 1001;
 const PORT_STATUS: u32 = 1002;
+const PORT_STDIN: u32 = 1003;
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 /// Size of each run's writable layer (a sparse file).
@@ -83,6 +84,9 @@ pub struct RunArgs {
     /// Working directory of the workload.
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
+    /// Keep stdin open: the workload reads this process's stdin (else /dev/null).
+    #[arg(long, short = 'i')]
+    interactive: bool,
     /// User of the workload: user[:group], names or numbers.
     #[arg(long, short = 'u', value_name = "USER")]
     user: Option<String>,
@@ -146,6 +150,8 @@ struct AgentSpec {
     stdout_port: u32,
     stderr_port: u32,
     status_port: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdin_port: Option<u32>,
 }
 
 fn error_line(error: &dyn std::error::Error) -> String {
@@ -313,6 +319,7 @@ fn agent_spec(args: &RunArgs, image: &Image) -> Result<AgentSpec, String> {
         stdout_port: PORT_STDOUT,
         stderr_port: PORT_STDERR,
         status_port: PORT_STATUS,
+        stdin_port: args.interactive.then_some(PORT_STDIN),
     })
 }
 
@@ -469,6 +476,22 @@ fn relay(listener: UnixListener, mut out: Option<Box<dyn Write + Send>>) -> Join
         }
         collected
     })
+}
+
+/// Accepts one connection on `listener` and copies this process's stdin to it; at the end of
+/// stdin it shuts the stream's write side, which the workload sees as its end of input. Not
+/// joined: it may stay blocked on stdin until the process exits.
+fn relay_stdin(listener: UnixListener) {
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut stdin = std::io::stdin().lock();
+        if let Err(e) = std::io::copy(&mut stdin, &mut stream) {
+            tracing::debug!(error = %e, "stdin relay stopped");
+        }
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    });
 }
 
 /// Waits up to `deadline` for a relay thread.
@@ -669,6 +692,9 @@ fn run_vm(
     let stdout = relay(listen(PORT_STDOUT)?, Some(Box::new(std::io::stdout())));
     let stderr = relay(listen(PORT_STDERR)?, Some(Box::new(std::io::stderr())));
     let status = relay(listen(PORT_STATUS)?, None);
+    if spec.stdin_port.is_some() {
+        relay_stdin(listen(PORT_STDIN)?);
+    }
 
     let mut disks = vec![
         format!("path={},ro,id=image", image.disk.display()),

@@ -299,6 +299,32 @@ fn sources(dir: &LocalDir) -> Sources {
 }
 
 fn anvil(dir: &LocalDir, args: &[&str]) -> Run {
+    anvil_with_stdin(dir, args, None)
+}
+
+/// `cmd`, with its stdin read from `stdin` when given (run_with_deadline closes stdin).
+fn with_stdin(cmd: Command, stdin: Option<&Path>) -> Command {
+    let Some(input) = stdin else {
+        return cmd;
+    };
+    let mut shell = Command::new("sh");
+    shell
+        .arg("-c")
+        .arg(r#"input=$1; shift; exec "$@" < "$input""#)
+        .arg("sh")
+        .arg(input)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => shell.env(key, value),
+            None => shell.env_remove(key),
+        };
+    }
+    shell
+}
+
+fn anvil_with_stdin(dir: &LocalDir, args: &[&str], stdin: Option<&Path>) -> Run {
     // --data-dir right after the subcommand: after `--` it would be the workload's.
     let mut cmd = Command::new(anvil_vmm());
     cmd.arg(args[0])
@@ -307,7 +333,7 @@ fn anvil(dir: &LocalDir, args: &[&str]) -> Run {
         .args(&args[1..])
         .env("TMPDIR", &dir.dir.0)
         .env("ANVIL_LOG", "warn");
-    run_with_deadline(cmd, RUN_TIMEOUT)
+    run_with_deadline(with_stdin(cmd, stdin), RUN_TIMEOUT)
 }
 
 fn debugfs(disk: &str, request: &str) -> String {
@@ -421,7 +447,13 @@ fn agent_binary(dir: &LocalDir) -> PathBuf {
 
 /// One `anvil-agent --local` run: PID 1 of a new PID and mount namespace (util-linux unshare)
 /// over the unpacked root `lower`, with the spec the way `anvil-vmm run` writes it.
-fn run_agent(dir: &LocalDir, agent: &Path, lower: &Path, spec: &serde_json::Value) -> Run {
+fn run_agent(
+    dir: &LocalDir,
+    agent: &Path,
+    lower: &Path,
+    spec: &serde_json::Value,
+    stdin: Option<&Path>,
+) -> Run {
     static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let spec_path = dir.path(&format!("spec-{n}.json"));
@@ -433,7 +465,7 @@ fn run_agent(dir: &LocalDir, agent: &Path, lower: &Path, spec: &serde_json::Valu
         .arg(agent)
         .arg("--local")
         .args([&spec_path, lower, &scratch]);
-    run_with_deadline(cmd, Duration::from_secs(60))
+    run_with_deadline(with_stdin(cmd, stdin), Duration::from_secs(60))
 }
 
 /// A spec as `anvil-vmm run` makes it from `config` (ports unused in local mode).
@@ -496,7 +528,13 @@ fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
         ..test_run_config()
     };
 
-    let image_user = run_agent(&dir, &agent, &lower, &agent_spec(&config, &[], None, None));
+    let image_user = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &[], None, None),
+        None,
+    );
     let lines: Vec<&str> = image_user.stdout.lines().collect();
     for expected in [
         "greeting=hello-from-the-image",
@@ -526,6 +564,7 @@ fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
         &agent,
         &lower,
         &agent_spec(&config, &["7"], Some("1234:nogroup"), Some("/new/dir")),
+        None,
     );
     for expected in ["user=1234", "group=65534", "pwd=/new/dir"] {
         assert!(
@@ -548,6 +587,7 @@ fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
         &agent,
         &lower,
         &agent_spec(&shell, &["kill -KILL $$"], None, None),
+        None,
     );
     assert_eq!(killed.status.code(), Some(128 + 9), "{killed}");
 
@@ -555,15 +595,48 @@ fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
         entrypoint: Some(vec!["/no/such/program".into()]),
         ..config.clone()
     };
-    let missing = run_agent(&dir, &agent, &lower, &agent_spec(&missing, &[], None, None));
+    let missing = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&missing, &[], None, None),
+        None,
+    );
     assert_eq!(missing.status.code(), Some(127), "{missing}");
     assert!(missing.stderr.contains("cannot run"), "{missing}");
+
+    // stdin: the agent's own when the spec has a stdin port (`run -i`), else /dev/null.
+    let reader = RunConfig {
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        cmd: Some(vec![
+            r#"if read line; then echo "got=$line"; cat; else echo no-input; fi"#.into(),
+        ]),
+        ..config.clone()
+    };
+    let input = dir.path("stdin.txt");
+    std::fs::write(&input, "first line\nthe rest\n").unwrap();
+    let mut with_port = agent_spec(&reader, &[], None, None);
+    with_port["stdin_port"] = 1003.into();
+    let interactive = run_agent(&dir, &agent, &lower, &with_port, Some(&input));
+    assert_eq!(
+        interactive.stdout, "got=first line\nthe rest\n",
+        "{interactive}"
+    );
+    let closed = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&reader, &[], None, None),
+        Some(&input),
+    );
+    assert_eq!(closed.stdout, "no-input\n", "{closed}");
 
     let unknown = run_agent(
         &dir,
         &agent,
         &lower,
         &agent_spec(&config, &[], Some("nosuchuser"), None),
+        None,
     );
     assert_eq!(unknown.status.code(), Some(126), "{unknown}");
     assert!(
@@ -574,6 +647,16 @@ fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
 
 /// `anvil-vmm run [flags] IMAGE [-- workload args]`.
 fn run_image(dir: &LocalDir, image: &str, flags: &[&str], workload: &[&str]) -> Run {
+    run_image_with_stdin(dir, image, flags, workload, None)
+}
+
+fn run_image_with_stdin(
+    dir: &LocalDir,
+    image: &str,
+    flags: &[&str],
+    workload: &[&str],
+    stdin: Option<&Path>,
+) -> Run {
     let kernel = linux_guest_dir().join("vmlinux");
     let agent = agent_initramfs();
     let mut args = vec![
@@ -590,7 +673,7 @@ fn run_image(dir: &LocalDir, image: &str, flags: &[&str], workload: &[&str]) -> 
         args.push("--");
         args.extend_from_slice(workload);
     }
-    anvil(dir, &args)
+    anvil_with_stdin(dir, &args, stdin)
 }
 
 fn assert_report(run: &Run, code: i32) {
@@ -660,6 +743,21 @@ fn run_boots_the_image_from_registry_layout_archive_and_cache() {
         let run = run_image(&dir, source, &[], &[]);
         assert_report(&run, 0);
     }
+    // -i: the workload reads anvil-vmm's stdin to its end.
+    let input = dir.path("stdin.txt");
+    std::fs::write(&input, "line one\nline two\n").unwrap();
+    let interactive = run_image_with_stdin(
+        &dir,
+        &src.layout,
+        &["-i", "--entrypoint", "/bin/sh"],
+        &["-c", "while read l; do echo \"stdin=$l\"; done; echo eof"],
+        Some(&input),
+    );
+    assert_eq!(
+        interactive.stdout, "stdin=line one\nstdin=line two\neof\n",
+        "{interactive:?}"
+    );
+    assert_eq!(interactive.status.code(), Some(0), "{interactive:?}");
     // A command that does not exist: 127, and the agent says why on stderr.
     let missing = run_image(
         &dir,

@@ -7,14 +7,15 @@
 //!
 //! Wire protocol (host side: `anvil-vmm run`, src/image_cmd.rs): the guest connects to the
 //! host CID 2 on the ports in the spec; stdout and stderr carry the raw bytes; the status
-//! stream carries one line `exit N` (N = exit code, or 128 + signal).
+//! stream carries one line `exit N` (N = exit code, or 128 + signal); with `run -i` a fourth
+//! stream carries the workload's stdin from the host (its end is the workload's end of input).
 //!
 //! Local mode, for testing the agent on a host without a VM:
 //! `unshare --pid --fork anvil-agent --local SPEC LOWER SCRATCH` runs the same steps as PID 1 of a
 //! new PID namespace, with three differences: the spec comes from the file SPEC, the overlay's
 //! lower layer is the directory LOWER (an unpacked image root, left untouched) and its upper layer
-//! a tmpfs mounted on the empty directory SCRATCH, and the workload's stdout and stderr are the
-//! agent's own, whose exit code is the workload's. The agent first moves into new mount, UTS and
+//! a tmpfs mounted on the empty directory SCRATCH, and the workload's stdout and stderr (and
+//! stdin, when the spec has a stdin port) are the agent's own, whose exit code is the workload's. The agent first moves into new mount, UTS and
 //! network namespaces of its own, so nothing it mounts or sets (hostname, `lo`) reaches the host.
 //! Everything after the root is mounted (user, environment, working directory, the run, reaping,
 //! the exit code) is the guest's code path.
@@ -38,6 +39,9 @@ struct Spec {
     stdout_port: u32,
     stderr_port: u32,
     status_port: u32,
+    /// `run -i`: the workload's stdin is a stream from the host on this port (else /dev/null).
+    #[serde(default)]
+    stdin_port: Option<u32>,
 }
 
 /// The host's vsock CID.
@@ -240,12 +244,19 @@ fn resolve_user(spec: &str) -> Result<(u32, u32), String> {
     Ok((uid, gid))
 }
 
+/// The workload's standard streams: `stdin` `None` is /dev/null.
+#[derive(Debug)]
+struct Streams {
+    stdin: Option<OwnedFd>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
 /// Runs the workload; returns its exit code.
 fn run(
     spec: &Spec,
     layout: Result<RootLayout, String>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    streams: Streams,
     err: &mut dyn Write,
 ) -> i32 {
     let root = match layout.and_then(|layout| {
@@ -301,9 +312,9 @@ fn run(
         .env_clear()
         .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
         .current_dir(workdir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(stdout))
-        .stderr(Stdio::from(stderr))
+        .stdin(streams.stdin.map_or_else(Stdio::null, Stdio::from))
+        .stdout(Stdio::from(streams.stdout))
+        .stderr(Stdio::from(streams.stderr))
         .uid(uid)
         .gid(gid);
     // With uid set, std also drops the supplementary groups (setgroups(0)) when run as root.
@@ -400,16 +411,21 @@ fn local_main(args: &[String]) -> ! {
             std::process::exit(EXIT_CANNOT_RUN);
         }
     };
-    let streams = std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .and_then(|out| Ok((out, std::io::stderr().as_fd().try_clone_to_owned()?)));
+    let streams = (|| {
+        Ok::<_, std::io::Error>(Streams {
+            stdin: match spec.stdin_port {
+                Some(_) => Some(std::io::stdin().as_fd().try_clone_to_owned()?),
+                None => None,
+            },
+            stdout: std::io::stdout().as_fd().try_clone_to_owned()?,
+            stderr: std::io::stderr().as_fd().try_clone_to_owned()?,
+        })
+    })();
     let code = match streams {
-        Ok((stdout, stderr)) => run(
+        Ok(streams) => run(
             &spec,
             local_layout(lower, scratch),
-            stdout,
-            stderr,
+            streams,
             &mut std::io::stderr(),
         ),
         Err(e) => {
@@ -437,21 +453,22 @@ fn main() {
         Err(e) => fail(&mut console, e),
     };
     let streams = vsock_connect(spec.status_port).and_then(|status| {
-        Ok((
-            status,
-            vsock_connect(spec.stdout_port)?,
-            vsock_connect(spec.stderr_port)?,
-        ))
+        let streams = Streams {
+            stdout: vsock_connect(spec.stdout_port)?,
+            stderr: vsock_connect(spec.stderr_port)?,
+            stdin: spec.stdin_port.map(vsock_connect).transpose()?,
+        };
+        Ok((status, streams))
     });
-    let (status, stdout, stderr) = match streams {
+    let (status, streams) = match streams {
         Ok(s) => s,
         Err(e) => fail(&mut console, e),
     };
-    let mut err = match stderr.try_clone() {
+    let mut err = match streams.stderr.try_clone() {
         Ok(fd) => fs::File::from(fd),
         Err(e) => fail(&mut console, format!("dup: {e}")),
     };
-    let code = run(&spec, guest_layout(), stdout, stderr, &mut err);
+    let code = run(&spec, guest_layout(), streams, &mut err);
     drop(err);
     let mut status = fs::File::from(status);
     let _ = writeln!(status, "exit {code}");
