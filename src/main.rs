@@ -492,6 +492,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(VmOutcome::Reset) => ExitCode::from(EXIT_OK),
+        Ok(VmOutcome::Migrated) => {
+            tracing::info!("the guest migrated to another VMM; exiting");
+            ExitCode::from(EXIT_OK)
+        }
         Ok(VmOutcome::GuestFailure(why)) => {
             eprintln!("anvil-vmm: {why}");
             ExitCode::from(EXIT_GUEST_FAILURE)
