@@ -93,6 +93,13 @@ pub struct RunArgs {
     /// A virtio-net interface, as `boot --net`. Repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// IPv4 address of the first --net interface (eth0 in the guest) as ADDR/PREFIX; the agent
+    /// configures it before the workload starts (without it, only `lo` is up).
+    #[arg(long, value_name = "ADDR/PREFIX", requires = "net")]
+    ip: Option<String>,
+    /// Default route of the guest, via this address (with --ip).
+    #[arg(long, value_name = "ADDR", requires = "ip")]
+    gateway: Option<std::net::Ipv4Addr>,
     /// An extra virtio-blk disk, as `boot --disk` (the guest sees it as vdc, vdd, ...).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
@@ -152,6 +159,30 @@ struct AgentSpec {
     status_port: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     stdin_port: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    net: Option<AgentNet>,
+}
+
+/// `--ip`/`--gateway` for the agent (resources/agent/src/net.rs).
+#[derive(Debug, Serialize, PartialEq)]
+struct AgentNet {
+    interface: String,
+    address: std::net::Ipv4Addr,
+    prefix_len: u8,
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+/// Parses `--ip ADDR/PREFIX`.
+fn parse_ip(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let bad = || format!("invalid --ip {text:?}: expected an IPv4 ADDR/PREFIX such as 10.0.0.2/24");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr = addr.parse().map_err(|_| bad())?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
 }
 
 fn error_line(error: &dyn std::error::Error) -> String {
@@ -320,6 +351,18 @@ fn agent_spec(args: &RunArgs, image: &Image) -> Result<AgentSpec, String> {
         stderr_port: PORT_STDERR,
         status_port: PORT_STATUS,
         stdin_port: args.interactive.then_some(PORT_STDIN),
+        net: match &args.ip {
+            Some(ip) => {
+                let (address, prefix_len) = parse_ip(ip)?;
+                Some(AgentNet {
+                    interface: "eth0".into(),
+                    address,
+                    prefix_len,
+                    gateway: args.gateway,
+                })
+            }
+            None => None,
+        },
     })
 }
 
@@ -580,6 +623,9 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_USAGE, &format!("invalid --memory: {e}")),
     };
+    if let Some(Err(why)) = args.ip.as_deref().map(parse_ip) {
+        return fail(EXIT_USAGE, &why);
+    }
     let store = match open_store(&args.cache) {
         Ok(s) => s,
         Err(why) => return fail(EXIT_RUN_ERROR, &why),
@@ -755,6 +801,23 @@ fn run_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_flag_takes_an_ipv4_address_and_prefix() {
+        assert_eq!(
+            parse_ip("10.0.0.2/24").unwrap(),
+            ("10.0.0.2".parse().unwrap(), 24)
+        );
+        for bad in [
+            "10.0.0.2",
+            "10.0.0.2/33",
+            "10.0.0/24",
+            "::1/64",
+            "10.0.0.2/x",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cpio_entries_are_aligned_newc() {

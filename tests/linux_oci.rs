@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::{
     anvil_vmm, linux_capable, linux_guest_dir, repo_root, run_with_deadline, Run, TempDir,
 };
@@ -767,6 +768,55 @@ fn run_boots_the_image_from_registry_layout_archive_and_cache() {
     );
     assert_eq!(missing.status.code(), Some(127), "{missing:?}");
     assert!(missing.stderr.contains("cannot run"), "{missing:?}");
+}
+
+/// `--net` with `--ip` and `--gateway`: the agent configures eth0 before the workload starts,
+/// which then reaches the host end of the tap (in a network namespace of the test's) with ping
+/// and sees its address and default route.
+#[test]
+fn run_configures_eth0_from_ip_and_gateway() {
+    if !linux_capable("run_configures_eth0_from_ip_and_gateway") {
+        return;
+    }
+    let dir = LocalDir::new("oci-net");
+    test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+    let ns = NetNs::new(); // tap at 10.0.0.1/24
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(anvil_vmm())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir.path("data"))
+        .args(["--rm", "--kernel"])
+        .arg(linux_guest_dir().join("vmlinux"))
+        .arg("--agent")
+        .arg(agent_initramfs())
+        .args(["--net", &format!("tap={}", ns.tap)])
+        .args(["--ip", "10.0.0.2/24", "--gateway", "10.0.0.1"])
+        .args(["--entrypoint", "/bin/sh"])
+        .arg(format!("oci:{}:{TAG}", dir.path("layout").display()))
+        .args([
+            "--",
+            "-c",
+            "ip addr show eth0; ip route; ping -c 1 -W 20 10.0.0.1",
+        ])
+        .env("TMPDIR", &dir.dir.0)
+        .env("ANVIL_LOG", "warn");
+    let run = run_with_deadline(cmd, RUN_TIMEOUT);
+    assert!(run.stdout.contains("inet 10.0.0.2/24"), "{run:?}");
+    assert!(run.stdout.contains("default via 10.0.0.1"), "{run:?}");
+    assert!(run.stdout.contains("1 packets received"), "{run:?}");
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+
+    // --ip needs --net; a bad address is a usage error.
+    let no_net = anvil(&dir, &["run", "--ip", "10.0.0.2/24", "oci:/nowhere"]);
+    assert_eq!(no_net.status.code(), Some(2), "{no_net:?}");
+    let bad = anvil(
+        &dir,
+        &["run", "--net", "tap=x", "--ip", "10.0.0.2", "oci:/nowhere"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(bad.stderr.contains("invalid --ip"), "{bad:?}");
 }
 
 /// Ctrl-C stops the workload and the VM: SIGINT to `anvil-vmm run` while the workload sleeps

@@ -28,6 +28,8 @@ use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
+mod net;
+
 /// The spec `anvil-vmm run` puts in the initramfs.
 #[derive(Debug, Deserialize)]
 struct Spec {
@@ -42,6 +44,9 @@ struct Spec {
     /// `run -i`: the workload's stdin is a stream from the host on this port (else /dev/null).
     #[serde(default)]
     stdin_port: Option<u32>,
+    /// `run --ip`: the address (and default route) of a `--net` interface.
+    #[serde(default)]
+    net: Option<net::NetSpec>,
 }
 
 /// The host's vsock CID.
@@ -170,36 +175,6 @@ fn mount_root(layout: &RootLayout) -> Result<(), String> {
     Ok(())
 }
 
-/// Brings the loopback interface up, as container runtimes do (other interfaces, from
-/// `--net`, are left to the workload).
-fn loopback_up() -> Result<(), String> {
-    let fail = |what: &str| format!("{what} lo: {}", std::io::Error::last_os_error());
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(fail("socket for"));
-    }
-    // SAFETY: `fd` is a fresh descriptor this function owns (closed on return).
-    let _sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
-        *dst = libc::c_char::from_ne_bytes([*src]);
-    }
-    // SAFETY: SIOCGIFFLAGS reads the NUL-terminated name and writes the flags into `req`.
-    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } != 0 {
-        return Err(fail("get flags of"));
-    }
-    let up = libc::c_short::try_from(libc::IFF_UP).expect("IFF_UP is 1");
-    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-    unsafe { req.ifr_ifru.ifru_flags |= up };
-    // SAFETY: SIOCSIFFLAGS reads the name and flags from `req`.
-    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } != 0 {
-        return Err(fail("set flags of"));
-    }
-    Ok(())
-}
-
 /// Finds `name` in an /etc/passwd or /etc/group style file: (field 2, field 3) as numbers.
 fn lookup(file: &str, name: &str) -> Option<(u32, u32)> {
     let text = fs::read_to_string(file).ok()?;
@@ -269,8 +244,15 @@ fn run(
             return EXIT_CANNOT_RUN;
         }
     };
-    if let Err(e) = loopback_up() {
+    // Loopback up, as container runtimes do; other interfaces only with `run --ip`.
+    if let Err(e) = net::link_up("lo") {
         let _ = writeln!(err, "anvil-agent: {e}");
+    }
+    if let Some(spec) = &spec.net {
+        if let Err(e) = net::configure(spec) {
+            let _ = writeln!(err, "anvil-agent: {e}");
+            return EXIT_CANNOT_RUN;
+        }
     }
     if let Ok(name) = cstr(&spec.hostname) {
         // SAFETY: `name` is valid for its length.
