@@ -27,6 +27,9 @@ const PORT_STDOUT: u32 = 1000;
 const PORT_STDERR: u32 = 1001;
 const PORT_STATUS: u32 = 1002;
 const PORT_STDIN: u32 = 1003;
+const PORT_CONTROL: u32 = 1004;
+/// How long a workload has to end after a forwarded signal before the VM is stopped.
+const SIGNAL_GRACE: Duration = Duration::from_secs(10);
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 /// Size of each run's writable layer (a sparse file).
@@ -159,6 +162,7 @@ struct AgentSpec {
     status_port: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     stdin_port: Option<u32>,
+    control_port: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     net: Option<AgentNet>,
 }
@@ -351,6 +355,7 @@ fn agent_spec(args: &RunArgs, image: &Image) -> Result<AgentSpec, String> {
         stderr_port: PORT_STDERR,
         status_port: PORT_STATUS,
         stdin_port: args.interactive.then_some(PORT_STDIN),
+        control_port: PORT_CONTROL,
         net: match &args.ip {
             Some(ip) => {
                 let (address, prefix_len) = parse_ip(ip)?;
@@ -558,10 +563,48 @@ fn remove_on_signal(path: &Path) {
     }
 }
 
-/// Ctrl-C (SIGINT), SIGTERM and SIGHUP stop the workload and the VM: the signals are blocked
-/// in every thread (this runs before any is started) and taken by one thread with sigwait,
-/// which removes the run's temporary files and exits with 128 + the signal, as a shell
-/// reports a job killed by it. The guest dies with the process.
+/// The agent's control stream, once it has connected.
+static CONTROL: std::sync::Mutex<Option<std::os::unix::net::UnixStream>> =
+    std::sync::Mutex::new(None);
+
+/// Accepts the agent's control stream into [`CONTROL`].
+fn accept_control(listener: UnixListener) {
+    std::thread::spawn(move || {
+        if let Ok((stream, _)) = listener.accept() {
+            if let Ok(mut control) = CONTROL.lock() {
+                *control = Some(stream);
+            }
+        }
+    });
+}
+
+/// Sends `signal N` to the agent; false when there is no control stream (yet).
+fn forward_signal(sig: libc::c_int) -> bool {
+    let Ok(mut control) = CONTROL.lock() else {
+        return false;
+    };
+    control
+        .as_mut()
+        .is_some_and(|stream| writeln!(stream, "signal {sig}").is_ok())
+}
+
+/// Removes the run's temporary files and exits with 128 + `sig`, as a shell reports a job
+/// killed by it. The guest dies with the process.
+fn stop_now(sig: libc::c_int) -> ! {
+    tracing::info!(signal = sig, "stopping the workload and the VM");
+    if let Ok(paths) = CLEANUP.lock() {
+        for path in paths.iter() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+    std::process::exit(128 + sig)
+}
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP: the signals are blocked in every thread (this runs
+/// before any is started) and taken by one thread with sigwait. The first is forwarded to the
+/// workload through the agent's control stream, as `docker run` does; `run` then ends with the
+/// workload. A second signal, or no end within [`SIGNAL_GRACE`] (or no workload yet), stops
+/// the VM at once (`stop_now`).
 fn stop_on_signals() -> Result<(), String> {
     // SAFETY: sigset_t is plain data that sigemptyset initialises; all pointers are valid.
     let set = unsafe {
@@ -582,19 +625,44 @@ fn stop_on_signals() -> Result<(), String> {
     }
     std::thread::Builder::new()
         .name("anvil-signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            tracing::info!(signal = sig, "stopping the workload and the VM");
-            if let Ok(paths) = CLEANUP.lock() {
-                for path in paths.iter() {
-                    let _ = std::fs::remove_dir_all(path);
+        .spawn(move || {
+            let mut forwarded: Option<(libc::c_int, Instant)> = None;
+            loop {
+                let timeout = forwarded.map(|(_, at)| {
+                    let left = (at + SIGNAL_GRACE).saturating_duration_since(Instant::now());
+                    libc::timespec {
+                        tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(0),
+                        tv_nsec: libc::c_long::from(left.subsec_nanos()),
+                    }
+                });
+                // SAFETY: `set` is initialised; the timeout, when given, is a valid timespec and
+                // the siginfo pointer may be null.
+                let sig = unsafe {
+                    match &timeout {
+                        Some(t) => libc::sigtimedwait(&set, std::ptr::null_mut(), t),
+                        None => libc::sigwaitinfo(&set, std::ptr::null_mut()),
+                    }
+                };
+                if sig < 0 {
+                    let e = std::io::Error::last_os_error();
+                    match (e.raw_os_error(), forwarded) {
+                        (Some(libc::EAGAIN), Some((first, _))) => {
+                            tracing::warn!("the workload did not end after the signal");
+                            stop_now(first)
+                        }
+                        _ => continue,
+                    }
                 }
+                if forwarded.is_none() && forward_signal(sig) {
+                    tracing::info!(
+                        signal = sig,
+                        "signal forwarded to the workload; another stops the VM"
+                    );
+                    forwarded = Some((sig, Instant::now()));
+                    continue;
+                }
+                stop_now(sig)
             }
-            std::process::exit(128 + sig);
         })
         .map(drop)
         .map_err(|e| format!("cannot start the signal thread: {e}"))
@@ -741,6 +809,7 @@ fn run_vm(
     if spec.stdin_port.is_some() {
         relay_stdin(listen(PORT_STDIN)?);
     }
+    accept_control(listen(PORT_CONTROL)?);
 
     let mut disks = vec![
         format!("path={},ro,id=image", image.disk.display()),

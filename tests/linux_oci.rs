@@ -819,15 +819,12 @@ fn run_configures_eth0_from_ip_and_gateway() {
     assert!(bad.stderr.contains("invalid --ip"), "{bad:?}");
 }
 
-/// Ctrl-C stops the workload and the VM: SIGINT to `anvil-vmm run` while the workload sleeps
-/// ends it with 130 and removes the run's files (--rm).
-#[test]
-fn run_stops_on_ctrl_c() {
-    if !linux_capable("run_stops_on_ctrl_c") {
-        return;
-    }
-    let dir = LocalDir::new("oci-sigint");
-    test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+/// `anvil-vmm run --rm` of `script` in the test image, with stdout read line by line; returns
+/// once the workload printed `started`.
+fn start_script(
+    dir: &LocalDir,
+    script: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let kernel = linux_guest_dir().join("vmlinux");
     let mut child = Command::new(anvil_vmm())
         .arg("run")
@@ -838,7 +835,7 @@ fn run_stops_on_ctrl_c() {
         .arg("--agent")
         .arg(agent_initramfs())
         .arg(format!("oci:{}:{TAG}", dir.path("layout").display()))
-        .args(["--", "-c", "echo started; sleep 600"])
+        .args(["--", "-c", script])
         .env("TMPDIR", &dir.dir.0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -864,21 +861,30 @@ fn run_stops_on_ctrl_c() {
             }
         }
     }
+    (child, rx)
+}
+
+fn sigint(child: &std::process::Child) {
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0);
-    let stop_deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
+}
+
+fn wait_within(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
-        if Instant::now() > stop_deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
             panic!("anvil-vmm run did not stop on SIGINT");
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(130));
+    }
+}
+
+fn assert_no_leftovers(dir: &LocalDir) {
     let runs = std::fs::read_dir(dir.path("data/runs")).unwrap().count();
     assert_eq!(runs, 0, "the run's directory was not removed");
     let leftovers: Vec<_> = std::fs::read_dir(&dir.dir.0)
@@ -887,4 +893,50 @@ fn run_stops_on_ctrl_c() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("anvil-run-"))
         .collect();
     assert!(leftovers.is_empty(), "socket directory left behind");
+}
+
+/// Ctrl-C goes to the workload, as with `docker run`: a workload that traps SIGINT runs its
+/// handler and its exit code comes back; one killed by it gives 130; one that ignores it is
+/// stopped, with the VM, by a second Ctrl-C (130). Each time the run's files (--rm) are gone.
+#[test]
+fn run_forwards_ctrl_c_to_the_workload() {
+    if !linux_capable("run_forwards_ctrl_c_to_the_workload") {
+        return;
+    }
+    let dir = LocalDir::new("oci-sigint");
+    test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+
+    let (mut child, lines) = start_script(
+        &dir,
+        r#"trap 'echo got-int; exit 5' INT; echo started; while :; do sleep 1; done"#,
+    );
+    sigint(&child);
+    let status = wait_within(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(5));
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.iter().any(|l| l == "got-int"), "{rest:?}");
+    assert_no_leftovers(&dir);
+
+    let (mut child, _lines) = start_script(&dir, "echo started; sleep 600");
+    sigint(&child);
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(60)).code(),
+        Some(130)
+    );
+    assert_no_leftovers(&dir);
+
+    let (mut child, _lines) =
+        start_script(&dir, "trap '' INT; echo started; while :; do sleep 1; done");
+    sigint(&child);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "one Ctrl-C stopped a workload that ignores it"
+    );
+    sigint(&child);
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(30)).code(),
+        Some(130)
+    );
+    assert_no_leftovers(&dir);
 }

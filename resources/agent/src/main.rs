@@ -8,7 +8,9 @@
 //! Wire protocol (host side: `anvil-vmm run`, src/image_cmd.rs): the guest connects to the
 //! host CID 2 on the ports in the spec; stdout and stderr carry the raw bytes; the status
 //! stream carries one line `exit N` (N = exit code, or 128 + signal); with `run -i` a fourth
-//! stream carries the workload's stdin from the host (its end is the workload's end of input).
+//! stream carries the workload's stdin from the host (its end is the workload's end of input);
+//! on the control stream the host sends lines `signal N`, which the agent forwards to the
+//! workload.
 //!
 //! Local mode, for testing the agent on a host without a VM:
 //! `unshare --pid --fork anvil-agent --local SPEC LOWER SCRATCH` runs the same steps as PID 1 of a
@@ -44,6 +46,9 @@ struct Spec {
     /// `run -i`: the workload's stdin is a stream from the host on this port (else /dev/null).
     #[serde(default)]
     stdin_port: Option<u32>,
+    /// Control stream from the host: lines `signal N` forward signal N to the workload.
+    #[serde(default)]
+    control_port: Option<u32>,
     /// `run --ip`: the address (and default route) of a `--net` interface.
     #[serde(default)]
     net: Option<net::NetSpec>,
@@ -219,12 +224,46 @@ fn resolve_user(spec: &str) -> Result<(u32, u32), String> {
     Ok((uid, gid))
 }
 
-/// The workload's standard streams: `stdin` `None` is /dev/null.
+/// The workload's standard streams (`stdin` `None` is /dev/null) and the host's control stream.
 #[derive(Debug)]
 struct Streams {
     stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
+    control: Option<OwnedFd>,
+}
+
+/// Largest control line read.
+const MAX_CONTROL_LINE: u64 = 64;
+
+/// Reads `signal N` lines from the host and sends signal N to the workload `pid`.
+fn forward_signals(control: OwnedFd, pid: libc::pid_t) {
+    let spawned = std::thread::Builder::new()
+        .name("anvil-control".into())
+        .spawn(move || {
+            let mut lines = std::io::BufReader::new(fs::File::from(control));
+            loop {
+                let mut line = String::new();
+                match std::io::BufRead::read_line(
+                    &mut std::io::Read::take(&mut lines, MAX_CONTROL_LINE),
+                    &mut line,
+                ) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let signal = line
+                    .trim()
+                    .strip_prefix("signal ")
+                    .and_then(|n| n.parse::<libc::c_int>().ok())
+                    .filter(|n| (1..=64).contains(n));
+                if let Some(signal) = signal {
+                    // SAFETY: kill(2) on the workload's pid, which this process has not reaped
+                    // while the thread can run (the agent powers off right after reaping it).
+                    unsafe { libc::kill(pid, signal) };
+                }
+            }
+        });
+    drop(spawned);
 }
 
 /// Runs the workload; returns its exit code.
@@ -313,6 +352,9 @@ fn run(
     };
     drop(command);
     let pid = child.id() as libc::pid_t;
+    if let Some(control) = streams.control {
+        forward_signals(control, pid);
+    }
     // PID 1 reaps every orphan; the workload's status is the one that counts.
     loop {
         let mut status = 0;
@@ -401,6 +443,7 @@ fn local_main(args: &[String]) -> ! {
             },
             stdout: std::io::stdout().as_fd().try_clone_to_owned()?,
             stderr: std::io::stderr().as_fd().try_clone_to_owned()?,
+            control: None,
         })
     })();
     let code = match streams {
@@ -439,6 +482,7 @@ fn main() {
             stdout: vsock_connect(spec.stdout_port)?,
             stderr: vsock_connect(spec.stderr_port)?,
             stdin: spec.stdin_port.map(vsock_connect).transpose()?,
+            control: spec.control_port.map(vsock_connect).transpose()?,
         };
         Ok((status, streams))
     });
