@@ -3,17 +3,21 @@
 //! agent initramfs (resources/agent) over the image's root disk, and relays the workload's
 //! stdout, stderr and exit code from the agent's vsock streams.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use oci::{Image, ImageRef, RegistryOptions, Store};
 use serde::Serialize;
 use vmm::config::{parse_disks, parse_mem_size_mib, parse_nets, validate_vcpu_count, VsockConfig};
 use vmm::{VmConfig, VmOutcome, Vmm};
+
+use relay::{finish, relay, relay_stdin, Janitor, SocketDir};
+use signals::{accept_control, remove_on_signal, stop_on_signals};
+
+mod relay;
+mod signals;
 
 /// Exit status of `run` when anvil itself fails (as `docker run` does): the workload's own
 /// codes pass through unchanged.
@@ -28,8 +32,6 @@ const PORT_STDERR: u32 = 1001;
 const PORT_STATUS: u32 = 1002;
 const PORT_STDIN: u32 = 1003;
 const PORT_CONTROL: u32 = 1004;
-/// How long a workload has to end after a forwarded signal before the VM is stopped.
-const SIGNAL_GRACE: Duration = Duration::from_secs(10);
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 /// Size of each run's writable layer (a sparse file).
@@ -443,229 +445,6 @@ fn guest_file(
             store.dir().join("guest").display()
         ))
     }
-}
-
-/// Removes directories on a thread started before the VM: once the VM runs, this (main)
-/// thread is under the VMM's seccomp filter, which does not allow walking directories.
-struct Janitor {
-    tx: Option<std::sync::mpsc::Sender<PathBuf>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Janitor {
-    fn start() -> Result<Self, String> {
-        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
-        let thread = std::thread::Builder::new()
-            .name("anvil-janitor".into())
-            .spawn(move || {
-                for path in rx {
-                    match std::fs::remove_dir_all(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            tracing::warn!(dir = %path.display(), error = %e, "cannot remove")
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the cleanup thread: {e}"))?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn remove(&self, path: &Path) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(path.to_path_buf());
-        }
-    }
-
-    /// Waits until everything sent has been removed.
-    fn finish(mut self) {
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Sockets live in a directory of their own under the temporary directory: the data
-/// directory may be on a file system without Unix sockets (9p).
-struct SocketDir<'a>(PathBuf, &'a Janitor);
-impl Drop for SocketDir<'_> {
-    fn drop(&mut self) {
-        self.1.remove(&self.0);
-    }
-}
-
-/// Accepts one connection on `listener` and copies it to `out` (`None`: collect it).
-fn relay(listener: UnixListener, mut out: Option<Box<dyn Write + Send>>) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut collected = Vec::new();
-        let Ok((mut stream, _)) = listener.accept() else {
-            return collected;
-        };
-        let mut buf = [0u8; 16 << 10];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => match out.as_mut() {
-                    Some(w) => {
-                        if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
-                            break;
-                        }
-                    }
-                    None => collected.extend_from_slice(&buf[..n]),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        collected
-    })
-}
-
-/// Accepts one connection on `listener` and copies this process's stdin to it; at the end of
-/// stdin it shuts the stream's write side, which the workload sees as its end of input. Not
-/// joined: it may stay blocked on stdin until the process exits.
-fn relay_stdin(listener: UnixListener) {
-    std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else {
-            return;
-        };
-        let mut stdin = std::io::stdin().lock();
-        if let Err(e) = std::io::copy(&mut stdin, &mut stream) {
-            tracing::debug!(error = %e, "stdin relay stopped");
-        }
-        let _ = stream.shutdown(std::net::Shutdown::Write);
-    });
-}
-
-/// Waits up to `deadline` for a relay thread.
-fn finish(handle: JoinHandle<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
-    while !handle.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if handle.is_finished() {
-        handle.join().ok()
-    } else {
-        None
-    }
-}
-
-/// Paths removed when a signal stops `run`.
-static CLEANUP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-fn remove_on_signal(path: &Path) {
-    if let Ok(mut paths) = CLEANUP.lock() {
-        paths.push(path.to_path_buf());
-    }
-}
-
-/// The agent's control stream, once it has connected.
-static CONTROL: std::sync::Mutex<Option<std::os::unix::net::UnixStream>> =
-    std::sync::Mutex::new(None);
-
-/// Accepts the agent's control stream into [`CONTROL`].
-fn accept_control(listener: UnixListener) {
-    std::thread::spawn(move || {
-        if let Ok((stream, _)) = listener.accept() {
-            if let Ok(mut control) = CONTROL.lock() {
-                *control = Some(stream);
-            }
-        }
-    });
-}
-
-/// Sends `signal N` to the agent; false when there is no control stream (yet).
-fn forward_signal(sig: libc::c_int) -> bool {
-    let Ok(mut control) = CONTROL.lock() else {
-        return false;
-    };
-    control
-        .as_mut()
-        .is_some_and(|stream| writeln!(stream, "signal {sig}").is_ok())
-}
-
-/// Removes the run's temporary files and exits with 128 + `sig`, as a shell reports a job
-/// killed by it. The guest dies with the process.
-fn stop_now(sig: libc::c_int) -> ! {
-    tracing::info!(signal = sig, "stopping the workload and the VM");
-    if let Ok(paths) = CLEANUP.lock() {
-        for path in paths.iter() {
-            let _ = std::fs::remove_dir_all(path);
-        }
-    }
-    std::process::exit(128 + sig)
-}
-
-/// Ctrl-C (SIGINT), SIGTERM and SIGHUP: the signals are blocked in every thread (this runs
-/// before any is started) and taken by one thread with sigwait. The first is forwarded to the
-/// workload through the agent's control stream, as `docker run` does; `run` then ends with the
-/// workload. A second signal, or no end within [`SIGNAL_GRACE`] (or no workload yet), stops
-/// the VM at once (`stop_now`).
-fn stop_on_signals() -> Result<(), String> {
-    // SAFETY: sigset_t is plain data that sigemptyset initialises; all pointers are valid.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        set
-    };
-    // SAFETY: `set` is initialised; the old mask is not needed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(format!(
-            "cannot block signals: {}",
-            std::io::Error::from_raw_os_error(rc)
-        ));
-    }
-    std::thread::Builder::new()
-        .name("anvil-signals".into())
-        .spawn(move || {
-            let mut forwarded: Option<(libc::c_int, Instant)> = None;
-            loop {
-                let timeout = forwarded.map(|(_, at)| {
-                    let left = (at + SIGNAL_GRACE).saturating_duration_since(Instant::now());
-                    libc::timespec {
-                        tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(0),
-                        tv_nsec: libc::c_long::from(left.subsec_nanos()),
-                    }
-                });
-                // SAFETY: `set` is initialised; the timeout, when given, is a valid timespec and
-                // the siginfo pointer may be null.
-                let sig = unsafe {
-                    match &timeout {
-                        Some(t) => libc::sigtimedwait(&set, std::ptr::null_mut(), t),
-                        None => libc::sigwaitinfo(&set, std::ptr::null_mut()),
-                    }
-                };
-                if sig < 0 {
-                    let e = std::io::Error::last_os_error();
-                    match (e.raw_os_error(), forwarded) {
-                        (Some(libc::EAGAIN), Some((first, _))) => {
-                            tracing::warn!("the workload did not end after the signal");
-                            stop_now(first)
-                        }
-                        _ => continue,
-                    }
-                }
-                if forwarded.is_none() && forward_signal(sig) {
-                    tracing::info!(
-                        signal = sig,
-                        "signal forwarded to the workload; another stops the VM"
-                    );
-                    forwarded = Some((sig, Instant::now()));
-                    continue;
-                }
-                stop_now(sig)
-            }
-        })
-        .map(drop)
-        .map_err(|e| format!("cannot start the signal thread: {e}"))
 }
 
 /// `anvil-vmm run IMAGE`: exits with the workload's exit code.
