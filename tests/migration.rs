@@ -38,7 +38,7 @@ fn start_guest(c: &mut Client, mem_mib: u64, cmdline: &str) {
         c,
         "PUT",
         "/machine-config",
-        serde_json::json!({"vcpu_count": 2, "mem_size_mib": mem_mib, "track_dirty_pages": std::env::var("TRACK").is_ok()}),
+        serde_json::json!({"vcpu_count": 2, "mem_size_mib": mem_mib}),
     );
     ok(
         c,
@@ -158,34 +158,50 @@ fn a_counting_guest_moves_over_tcp_between_two_hosts() {
     start_guest(&mut sc, 64, "tg.run=counter tg.period_ms=20");
     source.wait_for("count 20", |out| out.contains("TG count=20"));
     let (mut dest, mut dc) = vmm(&dir, &b, "dest");
-    receive(&mut dc, "tcp:10.77.0.2:47000");
-    if std::env::var("PAUSE_FIRST").is_ok() {
-        ok(&mut sc, "PATCH", "/vm", serde_json::json!({"state": "Paused"}));
-    }
-    let r = send(
-        &mut sc,
-        "tcp:10.77.0.2:47000",
-        serde_json::json!({"downtime_ms": 20}),
+    // The command-line convenience: tells the destination to listen, moves the guest,
+    // prints the source's final status.
+    let out = std::process::Command::new(common::anvil_vmm())
+        .args(["migrate", "--from"])
+        .arg(dir.path("source.sock"))
+        .args(["--to", "tcp:10.77.0.2:47000", "--dest-api-sock"])
+        .arg(dir.path("dest.sock"))
+        .args(["--downtime-ms", "20"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        source.output()
     );
-    assert_eq!(r.status, 204, "{r:?}\n{}", source.output());
+    let status: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["url"], "tcp:10.77.0.2:47000");
     assert_eq!(source.wait_exit_within(Duration::from_secs(10)), 0);
     let last = *counts(&source).last().unwrap();
     dest.wait_for("the counter to go on", |out| {
         out.contains(&format!("TG count={}", last + 20))
     });
     let moved = counts(&dest);
-    assert_eq!(moved[0], last + 1, "the counter restarted or skipped\n{}\n{}", source.output(), dest.output());
-    assert!(
-        moved.windows(2).all(|w| w[1] == w[0] + 1),
-        "{moved:?}"
+    assert_eq!(
+        moved[0],
+        last + 1,
+        "the counter restarted or skipped\n{}\n{}",
+        source.output(),
+        dest.output()
     );
+    assert!(moved.windows(2).all(|w| w[1] == w[0] + 1), "{moved:?}");
     let status = get(&mut dc, "/migration");
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["role"], "destination");
     assert!(status["bytes"].as_u64().unwrap() > 0);
     // The moved guest answers the API as a running VM.
     assert_eq!(get(&mut dc, "/")["state"], "Running");
-    assert_eq!(get(&mut dc, "/vm/config")["machine-config"]["mem_size_mib"], 64);
+    assert_eq!(
+        get(&mut dc, "/vm/config")["machine-config"]["mem_size_mib"],
+        64
+    );
     dest.child.kill().unwrap();
 }
 
@@ -294,10 +310,22 @@ fn version_mismatch_and_a_missing_disk_fail_cleanly() {
 
     // Bad requests change nothing.
     for (body, want) in [
-        (serde_json::json!({"destination_url": "http://x"}), "destination_url"),
-        (serde_json::json!({"destination_url": "unix:/x", "max_rounds": 0}), "max_rounds"),
-        (serde_json::json!({"destination_url": "unix:/x", "bogus": 1}), "bogus"),
-        (serde_json::json!({"destination_url": format!("unix:{}", dir.path("nobody.sock").display())}), "cannot connect"),
+        (
+            serde_json::json!({"destination_url": "http://x"}),
+            "destination_url",
+        ),
+        (
+            serde_json::json!({"destination_url": "unix:/x", "max_rounds": 0}),
+            "max_rounds",
+        ),
+        (
+            serde_json::json!({"destination_url": "unix:/x", "bogus": 1}),
+            "bogus",
+        ),
+        (
+            serde_json::json!({"destination_url": format!("unix:{}", dir.path("nobody.sock").display())}),
+            "cannot connect",
+        ),
     ] {
         let r = sc
             .request("PUT", "/migration/send", Some(&body.to_string()))
@@ -327,7 +355,11 @@ fn version_mismatch_and_a_missing_disk_fail_cleanly() {
         let (kind, why) = read_frame(&mut s);
         (kind, String::from_utf8_lossy(&why).into_owned())
     });
-    let r = send(&mut sc, &format!("unix:{}", fake.display()), serde_json::json!({}));
+    let r = send(
+        &mut sc,
+        &format!("unix:{}", fake.display()),
+        serde_json::json!({}),
+    );
     assert_eq!(r.status, 400);
     assert!(r.body.contains("version 99"), "{r:?}");
     let (kind, why) = fake_dest.join().unwrap();
@@ -354,7 +386,11 @@ fn version_mismatch_and_a_missing_disk_fail_cleanly() {
     // (the source keeps its open file).
     receive(&mut dc, &format!("unix:{}", url.display()));
     std::fs::rename(&disk, dir.path("moved.img")).unwrap();
-    let r = send(&mut sc, &format!("unix:{}", url.display()), serde_json::json!({}));
+    let r = send(
+        &mut sc,
+        &format!("unix:{}", url.display()),
+        serde_json::json!({}),
+    );
     assert_eq!(r.status, 400);
     assert!(
         r.body.contains("drive \\\"data\\\"") || r.body.contains("drive \"data\""),

@@ -90,9 +90,18 @@ impl TwoHosts {
         };
         ip(&["netns", "add", &hosts.a]);
         ip(&["netns", "add", &hosts.b]);
-        let (va, vb) = (format!("va{:x}n{n}", pid & 0xff_ffff), format!("vb{:x}n{n}", pid & 0xff_ffff));
-        ip(&["-n", &hosts.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &hosts.b]);
-        for (ns, dev, addr) in [(&hosts.a, &va, "10.77.0.1/24"), (&hosts.b, &vb, "10.77.0.2/24")] {
+        let (va, vb) = (
+            format!("va{:x}n{n}", pid & 0xff_ffff),
+            format!("vb{:x}n{n}", pid & 0xff_ffff),
+        );
+        ip(&[
+            "-n", &hosts.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+            &hosts.b,
+        ]);
+        for (ns, dev, addr) in [
+            (&hosts.a, &va, "10.77.0.1/24"),
+            (&hosts.b, &vb, "10.77.0.2/24"),
+        ] {
             ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);

@@ -11,19 +11,19 @@ use crate::config::VmConfig;
 use crate::metrics::MetricsWriter;
 use crate::vmm::{MemorySource, PreparedVm};
 
-use crate::resources::{
-    FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
-};
 use crate::migration::receive::{receive, Incoming, ReceiveSettings};
 use crate::migration::{
     MigrationError, MigrationReceiveParams, MigrationState, MigrationStatus, MigrationUrl,
     SharedStatus,
 };
+use crate::resources::{
+    FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
+};
 use crate::rpc::{
     ActionError, ActionResult, ApiReceiver, ApiRequest, InstanceInfo, VmState, VmmAction, VmmData,
 };
-use vmm_sys_util::eventfd::EventFd;
 use crate::vmm::{ApiContext, VmOutcome, Vmm, VmmError};
+use vmm_sys_util::eventfd::EventFd;
 
 /// anvil's version, as `GET /` and `GET /version` report it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -303,7 +303,10 @@ fn next_event(api: &ApiReceiver, incoming: Option<&IncomingMigration>) -> PreBoo
     use std::os::fd::AsRawFd;
     use std::sync::mpsc::TryRecvError;
     let Some(incoming) = incoming else {
-        return api.rx.recv().map_or(PreBootEvent::Closed, PreBootEvent::Api);
+        return api
+            .rx
+            .recv()
+            .map_or(PreBootEvent::Closed, PreBootEvent::Api);
     };
     loop {
         match incoming.done.try_recv() {

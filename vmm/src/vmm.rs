@@ -14,11 +14,11 @@ use devices::virtio::net::{Net, Tap, TapError};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockError};
 use devices::GuestMemoryMmap;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -1310,9 +1310,7 @@ impl EventLoop {
                 VmmAction::CreateSnapshot(_) | VmmAction::PatchDrive(..) | VmmAction::Resume
             )
         {
-            return Err(ActionError::State(
-                "a live migration is in progress".into(),
-            ));
+            return Err(ActionError::State("a live migration is in progress".into()));
         }
         match action {
             VmmAction::GetMigration => Ok(VmmData::Migration(crate::migration::snapshot(
@@ -1321,9 +1319,9 @@ impl EventLoop {
             VmmAction::MigrationReceive(_) => {
                 Err(ActionError::PreBootOnly("PUT /migration/receive"))
             }
-            VmmAction::MigrationSend(_) => Err(ActionError::State(
-                "a live migration is in progress".into(),
-            )),
+            VmmAction::MigrationSend(_) => {
+                Err(ActionError::State("a live migration is in progress".into()))
+            }
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(
                 crate::controller::instance_info(&api.instance_id, state),
             )),

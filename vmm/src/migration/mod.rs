@@ -124,9 +124,7 @@ impl MigrationUrl {
             Self::Unix(path) => {
                 if path.exists() {
                     if UnixStream::connect(path).is_ok() {
-                        return Err(fail(std::io::Error::from(
-                            std::io::ErrorKind::AddrInUse,
-                        )));
+                        return Err(fail(std::io::Error::from(std::io::ErrorKind::AddrInUse)));
                     }
                     std::fs::remove_file(path).map_err(fail)?;
                 }
@@ -358,7 +356,14 @@ mod tests {
             MigrationUrl::parse("u", "unix:/tmp/m.sock").unwrap(),
             MigrationUrl::Unix("/tmp/m.sock".into())
         );
-        for bad in ["", "http://x", "tcp:host", "tcp::80", "tcp:h:99999", "unix:"] {
+        for bad in [
+            "",
+            "http://x",
+            "tcp:host",
+            "tcp::80",
+            "tcp:h:99999",
+            "unix:",
+        ] {
             let e = MigrationUrl::parse("destination_url", bad).unwrap_err();
             assert!(e.to_string().starts_with("destination_url: "), "{bad}: {e}");
         }

@@ -264,7 +264,9 @@ fn decode(kind: Kind, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
                 return Err(violation(&format!("{count} pages")));
             }
             if guest_addr % PAGE_SIZE != 0 {
-                return Err(violation(&format!("address {guest_addr:#x} is not page-aligned")));
+                return Err(violation(&format!(
+                    "address {guest_addr:#x} is not page-aligned"
+                )));
             }
             if flags & !PAGES_ZERO != 0 {
                 return Err(violation(&format!("unknown flags {flags:#x}")));

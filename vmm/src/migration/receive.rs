@@ -137,8 +137,14 @@ fn accept_config(
             })?;
     }
     for net in &config.nets {
-        if !std::path::Path::new("/sys/class/net").join(&net.tap).exists() {
-            return Err(refuse(format!("network interface: no tap {:?} here", net.tap)));
+        if !std::path::Path::new("/sys/class/net")
+            .join(&net.tap)
+            .exists()
+        {
+            return Err(refuse(format!(
+                "network interface: no tap {:?} here",
+                net.tap
+            )));
         }
     }
     if let Some(available) = available_mib() {
@@ -199,10 +205,9 @@ fn serve(
         match protocol::read_frame(input)? {
             Frame::Pages(p) => {
                 let Some(t) = &target else {
-                    return Err(protocol::ProtocolError::Violation(
-                        "pages after the state".into(),
-                    )
-                    .into());
+                    return Err(
+                        protocol::ProtocolError::Violation("pages after the state".into()).into(),
+                    );
                 };
                 let len = usize::try_from(p.len()).unwrap_or(usize::MAX);
                 let data = if p.data.is_empty() {
@@ -246,10 +251,10 @@ fn serve(
             }
             Frame::Complete => {
                 let Some(vmm) = vmm.take() else {
-                    return Err(
-                        protocol::ProtocolError::Violation("Complete before the state".into())
-                            .into(),
-                    );
+                    return Err(protocol::ProtocolError::Violation(
+                        "Complete before the state".into(),
+                    )
+                    .into());
                 };
                 // The guest runs here only if the source heard that it may stop for good.
                 protocol::write_frame(out, Kind::Ok, &[])?;

@@ -79,8 +79,9 @@ struct FinishGuard<'a> {
 impl Drop for FinishGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.link
-                .send(SourceEvent::Finished(Err("the migration thread failed".into())));
+            self.link.send(SourceEvent::Finished(Err(
+                "the migration thread failed".into()
+            )));
         }
     }
 }
@@ -336,11 +337,8 @@ fn precopy_and_finish(
     }
     take_dirty(&job.vm, &job.memory)?;
 
-    let downtime = Duration::from_millis(
-        job.params
-            .downtime_ms
-            .unwrap_or(super::DEFAULT_DOWNTIME_MS),
-    );
+    let downtime =
+        Duration::from_millis(job.params.downtime_ms.unwrap_or(super::DEFAULT_DOWNTIME_MS));
     let max_rounds = job.params.max_rounds.unwrap_or(super::DEFAULT_MAX_ROUNDS);
     // Round 1: every page that is not zero.
     let round_start = Instant::now();
@@ -364,7 +362,12 @@ fn precopy_and_finish(
     while rounds < max_rounds {
         let bytes = count(&pending) * PAGE_SIZE;
         let estimate = Duration::from_secs_f64(bytes as f64 / rate);
-        tracing::debug!(rounds, dirty_bytes = bytes, ?estimate, "migration: pre-copy round");
+        tracing::debug!(
+            rounds,
+            dirty_bytes = bytes,
+            ?estimate,
+            "migration: pre-copy round"
+        );
         if estimate <= downtime / 2 {
             break;
         }

@@ -406,8 +406,8 @@ const FCNTL_CMDS: [u64; 5] = [
 mod ioctls {
     use kvm_bindings::{
         kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
-        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-        kvm_userspace_memory_region, kvm_xsave, KVMIO,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
