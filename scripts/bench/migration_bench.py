@@ -2,6 +2,7 @@
 """Live-migration benchmark: total time and downtime over loopback TCP.
 
     scripts/bench/migration_bench.py [--runs 5] [--sizes 512,2048] [--workloads idle,dirty]
+                                     [--qemu qemu-system-x86_64]
 
 For each guest size and workload, boots the test guest (2 vCPUs) through the API, then moves
 it --runs times in a chain (each destination is the next source) to a fresh anvil-vmm
@@ -11,12 +12,15 @@ memory filled with a pattern and 256 pages rewritten every 100 ms (10 MiB/s) dur
 move. Figures come from the source's GET /migration (downtime: guest stopped until the
 destination's acknowledgement) and the PUT /migration/send request's latency (total).
 After every move the guest must print again at its destination, and memtest must not have
-reported a bad page.
+reported a bad page. With --qemu, QEMU's microvm machine runs the same guest and moves it the
+same way (`-incoming tcp:...`, QMP `migrate`, downtime-limit 30 ms like anvil's default,
+no bandwidth limit); its figures are QEMU's own `query-migrate` downtime and total-time.
 """
 
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +72,110 @@ class Vmm:
         self.api.close()
         self.proc.kill()
         self.proc.wait()
+
+
+class Qemu:
+    """A QEMU microvm running (or waiting to receive) the test guest, driven over QMP."""
+
+    def __init__(self, qemu, workdir, name, mem, args, incoming=None):
+        self.out = os.path.join(workdir, f"{name}.out")
+        qmp = os.path.join(workdir, f"{name}.qmp")
+        cmd = [qemu, "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on", "-m", str(mem),
+               "-smp", "2", "-nodefaults", "-no-user-config", "-display", "none",
+               "-serial", f"file:{self.out}", "-no-reboot", "-kernel", bench.TESTGUEST,
+               "-append", f"console=ttyS0 {args}", "-accel", "kvm",
+               "-cpu", "host,-arch-capabilities", "-qmp", f"unix:{qmp},server,nowait"]
+        if incoming:
+            cmd += ["-incoming", incoming]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(qmp)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+        self.qmp = sock.makefile("rw")
+        self.qmp.readline()
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name, arguments=None):
+        message = {"execute": name}
+        if arguments:
+            message["arguments"] = arguments
+        self.qmp.write(json.dumps(message) + "\n")
+        self.qmp.flush()
+        while True:
+            reply = json.loads(self.qmp.readline())
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            if "return" in reply:
+                return reply["return"]
+
+    def text(self):
+        try:
+            with open(self.out, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, text, timeout_s=300):
+        deadline = time.monotonic() + timeout_s
+        while text not in self.text():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"no {text!r} from the guest under QEMU")
+            time.sleep(0.02)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def measure_qemu(qemu, workdir, mem, workload, runs, port):
+    args, ready = cmdline(workload, mem)
+    source = Qemu(qemu, workdir, f"q-src-{mem}-{workload}", mem, args)
+    source.wait_for(ready)
+    results = []
+    for i in range(runs):
+        url = f"tcp:127.0.0.1:{port + i}"
+        dest = Qemu(qemu, workdir, f"q-dst-{mem}-{workload}-{i}", mem, args, incoming=url)
+        source.cmd("migrate-set-parameters", {"downtime-limit": 30,
+                                              "max-bandwidth": 100 << 30})
+        t0 = time.perf_counter_ns()
+        source.cmd("migrate", {"uri": url})
+        while True:
+            status = source.cmd("query-migrate")
+            if status.get("status") in ("completed", "failed"):
+                break
+            time.sleep(0.001)
+        wall_ms = (time.perf_counter_ns() - t0) / 1e6
+        if status["status"] != "completed":
+            raise RuntimeError(f"QEMU migration failed: {status}")
+        source.stop()
+        ram = status.get("ram", {})
+        results.append({"total_ms": float(status["total-time"]),
+                        "downtime_ms": float(status["downtime"]),
+                        "rounds": ram.get("dirty-sync-count", 0),
+                        "mib": ram.get("transferred", 0) / (1 << 20),
+                        "final_pages": 0, "wall_ms": wall_ms})
+        print(f"  qemu {mem} MiB {workload} run {i + 1}: total {status['total-time']} ms, "
+              f"downtime {status['downtime']} ms, {ram.get('transferred', 0) / (1 << 20):.1f} "
+              f"MiB sent", flush=True)
+        seen = len(dest.text())
+        source = dest
+        deadline = time.monotonic() + 30
+        while len(source.text()) <= seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the guest printed nothing under QEMU after move {i + 1}")
+            time.sleep(0.02)
+    if "verify=bad" in source.text():
+        raise RuntimeError("memtest found a bad page after the QEMU moves")
+    source.stop()
+    return results
 
 
 def cmdline(workload, mem):
@@ -123,22 +231,38 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sizes", default="512,2048")
     parser.add_argument("--workloads", default="idle,dirty")
+    parser.add_argument("--qemu", help="also measure QEMU (e.g. qemu-system-x86_64)")
     args = parser.parse_args()
     rows = []
-    port = 47100
+    # Below the ephemeral range (32768-60999), where outgoing connections take their ports.
+    port = 23100
     with tempfile.TemporaryDirectory(prefix="anvil-mig-bench-") as workdir:
         for mem in [int(s) for s in args.sizes.split(",")]:
             for workload in args.workloads.split(","):
                 r = measure(workdir, mem, workload, args.runs, port)
                 port += args.runs
                 med = {k: statistics.median(x[k] for x in r) for k in r[0]}
-                rows.append((mem, workload, med))
+                qmed = None
+                if args.qemu:
+                    q = measure_qemu(args.qemu, workdir, mem, workload, args.runs, port)
+                    port += args.runs
+                    qmed = {k: statistics.median(x[k] for x in q) for k in q[0]}
+                rows.append((mem, workload, med, qmed))
     print()
     print("| guest | workload | total | downtime | rounds | sent | pages sent while stopped |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for mem, workload, m in rows:
+    for mem, workload, m, _ in rows:
         print(f"| {mem} MiB | {workload} | {m['total_ms']:.1f} ms | {m['downtime_ms']:.2f} ms "
               f"| {m['rounds']:.0f} | {m['mib']:.1f} MiB | {m['final_pages']:.0f} |")
+    if args.qemu:
+        print()
+        print("| guest | workload | anvil total | QEMU total | ratio | anvil downtime "
+              "| QEMU downtime | anvil sent | QEMU sent |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for mem, workload, m, q in rows:
+            print(f"| {mem} MiB | {workload} | {m['total_ms']:.1f} ms | {q['total_ms']:.0f} ms "
+                  f"| {m['total_ms'] / max(q['total_ms'], 1):.2f}x | {m['downtime_ms']:.2f} ms "
+                  f"| {q['downtime_ms']:.0f} ms | {m['mib']:.1f} MiB | {q['mib']:.1f} MiB |")
 
 
 if __name__ == "__main__":
