@@ -429,3 +429,62 @@ fn version_mismatch_and_a_missing_disk_fail_cleanly() {
         out.contains(&format!("TG count={}", seen + 10))
     });
 }
+
+#[test]
+fn a_failed_restore_at_the_destination_resumes_the_stopped_guest() {
+    if !kvm_available("a_failed_restore_at_the_destination_resumes_the_stopped_guest") {
+        return;
+    }
+    let dir = TempDir::new("mig-vsock");
+    let (v1, v2) = (dir.path("v1.sock"), dir.path("v2.sock"));
+    let (mut source, mut sc) = vmm(&dir, &[], "source");
+    ok(
+        &mut sc,
+        "PUT",
+        "/vsock",
+        serde_json::json!({"guest_cid": 3, "uds_path": v1}),
+    );
+    start_guest(&mut sc, 64, "tg.run=counter tg.period_ms=20");
+    source.wait_for("count 5", |out| out.contains("TG count=5"));
+
+    // On the same host the source still listens on the vsock path: the destination can only
+    // fail once it restores the devices, after the source has stopped the guest.
+    let (dest, mut dc) = vmm(&dir, &[], "dest");
+    let url = format!("unix:{}", dir.path("m1.sock").display());
+    receive(&mut dc, &url);
+    let r = send(&mut sc, &url, serde_json::json!({}));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("v1.sock"), "{r:?}");
+    let s = get(&mut sc, "/migration");
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(s.get("downtime_ms").is_none(), "{s}");
+    assert_eq!(get(&mut sc, "/")["state"], "Running");
+    let seen = *counts(&source).last().unwrap();
+    source.wait_for("the counter to go on", |out| {
+        out.contains(&format!("TG count={}", seen + 10))
+    });
+
+    // With its own vsock path the same destination takes the guest.
+    let url = format!("unix:{}", dir.path("m2.sock").display());
+    ok(
+        &mut dc,
+        "PUT",
+        "/migration/receive",
+        serde_json::json!({"receiver_url": url, "vsock_override": {"uds_path": v2}}),
+    );
+    let r = send(&mut sc, &url, serde_json::json!({}));
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(source.wait_exit_within(Duration::from_secs(10)), 0);
+    let config = get(&mut dc, "/vm/config");
+    assert_eq!(
+        config["vsock"]["uds_path"],
+        v2.to_str().unwrap(),
+        "{config}"
+    );
+    assert!(v2.exists());
+    dest.wait_for("the counter to go on there", |out| {
+        out.contains("TG count=")
+    });
+    let all = counts_in(&joined(&source, &dest));
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+}

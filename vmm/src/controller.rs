@@ -367,6 +367,7 @@ fn start_receiving(
         kvm_device: resources.kvm_device.clone(),
         seccomp_level: resources.seccomp_level,
         network_overrides: params.network_overrides.clone(),
+        vsock_override: params.vsock_override.as_ref().map(|v| v.uds_path.clone()),
     };
     crate::migration::update(status, |s| {
         *s = MigrationStatus {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::resources::NetworkOverride;
+use crate::resources::{NetworkOverride, VsockOverride};
 
 /// Errors of a migration.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +226,10 @@ pub struct MigrationReceiveParams {
     /// Taps replacing the source's (the destination may not share the source's taps).
     #[serde(default)]
     pub network_overrides: Vec<NetworkOverride>,
+    /// A vsock socket path replacing the source's (needed on the same host: the source
+    /// still listens on its path while the guest moves).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
 }
 
 /// `PUT /migration/send`.

@@ -26,6 +26,8 @@ pub struct ReceiveSettings {
     pub seccomp_level: SeccompLevel,
     /// Taps replacing the source's.
     pub network_overrides: Vec<NetworkOverride>,
+    /// A vsock socket path replacing the source's.
+    pub vsock_override: Option<std::path::PathBuf>,
 }
 
 /// A received VM, ready to run.
@@ -118,6 +120,13 @@ fn accept_config(
             );
         }
         net.host_dev_name = o.host_dev_name.clone();
+    }
+    if let Some(path) = &settings.vsock_override {
+        let vsock = resources
+            .vsock
+            .as_mut()
+            .ok_or_else(|| refuse("vsock_override: the VM has no vsock device".into()))?;
+        vsock.uds_path = path.clone();
     }
     resources.kvm_device = settings.kvm_device.clone();
     resources.seccomp_level = settings.seccomp_level;
