@@ -110,7 +110,12 @@ impl Preparer {
                 && old.mem_size_mib == spec.mem_size_mib
                 && old.vcpu_count == spec.vcpu_count
                 && old.track_dirty_pages == spec.track_dirty_pages;
-            (same_machine && old.kernel.as_os_str().is_empty()).then_some(handle)
+            if same_machine && old.kernel.as_os_str().is_empty() {
+                Some(handle)
+            } else {
+                discard(handle);
+                None
+            }
         });
         let work = move || match previous.map(JoinHandle::join) {
             Some(Ok(Ok(prepared))) => prepared.with_kernel(&config),
@@ -128,17 +133,10 @@ impl Preparer {
         }
     }
 
-    /// Drops the preparation, if any, off the calling thread: closing a VM fd can wait for
-    /// a grace period (15 ms on this PVM host), which a snapshot load should not pay.
+    /// Drops the preparation, if any, off the calling thread (see [`discard`]).
     fn discard(&mut self) {
-        let Some((_, handle)) = self.current.take() else {
-            return;
-        };
-        let spawned = std::thread::Builder::new()
-            .name("anvil-discard".into())
-            .spawn(move || drop(handle.join()));
-        if let Err(e) = spawned {
-            tracing::debug!("cannot discard the prepared VM on a thread: {e}");
+        if let Some((_, handle)) = self.current.take() {
+            discard(handle);
         }
     }
 
@@ -154,6 +152,18 @@ impl Preparer {
             }
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+}
+
+/// Drops a preparation on a short-lived thread: closing a VM fd can wait for a grace period
+/// (15 ms on this PVM host), which the request that made the preparation stale (or a
+/// snapshot load) should not pay.
+fn discard(handle: JoinHandle<Result<PreparedVm, VmmError>>) {
+    let spawned = std::thread::Builder::new()
+        .name("anvil-discard".into())
+        .spawn(move || drop(handle.join()));
+    if let Err(e) = spawned {
+        tracing::debug!("cannot discard the prepared VM on a thread: {e}");
     }
 }
 
