@@ -114,6 +114,8 @@ enum Command {
     /// Talk to a running anvil-vmm (or Firecracker) over its API socket and print the JSON
     /// answer.
     Ctl(ctl::CtlArgs),
+    /// Live-migrate the guest of one anvil-vmm to another (PUT /migration/send with progress).
+    Migrate(ctl::MigrateArgs),
     /// Work on snapshot files.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -463,6 +465,7 @@ fn main() -> ExitCode {
             }
         },
         Some(Command::Ctl(args)) => return ctl::run(args),
+        Some(Command::Migrate(args)) => return ctl::migrate(args),
         Some(Command::Pull(args)) => return image_cmd::pull(args),
         Some(Command::Run(args)) => return image_cmd::run(args, start),
         Some(Command::Images(args)) => return image_cmd::images(args),
@@ -484,7 +487,7 @@ fn main() -> ExitCode {
         }
         None if cli.fc.api_sock.is_none() && cli.fc.config_file.is_none() => {
             eprintln!(
-                "anvil-vmm: give a subcommand (boot, ctl, run, pull, images) or --api-sock/--config-file (see --help)"
+                "anvil-vmm: give a subcommand (boot, ctl, migrate, run, pull, images) or --api-sock/--config-file (see --help)"
             );
             return ExitCode::from(EXIT_USAGE);
         }
@@ -492,6 +495,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(VmOutcome::Reset) => ExitCode::from(EXIT_OK),
+        Ok(VmOutcome::Migrated) => {
+            tracing::info!("the guest migrated to another VMM; exiting");
+            ExitCode::from(EXIT_OK)
+        }
         Ok(VmOutcome::GuestFailure(why)) => {
             eprintln!("anvil-vmm: {why}");
             ExitCode::from(EXIT_GUEST_FAILURE)

@@ -691,3 +691,63 @@ fn the_network_works_again_after_a_restore() {
     assert_eq!(tg["net_replies"], "150", "{}", restored.output());
     assert_eq!(tg["net_pings"], "150");
 }
+
+#[test]
+fn ctl_pauses_snapshots_and_loads() {
+    if !kvm_available("ctl_pauses_snapshots_and_loads") {
+        return;
+    }
+    let dir = TempDir::new("snap-ctl");
+    let (state, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let ctl = |sock: &str, args: &[&str]| {
+        let out = std::process::Command::new(common::anvil_vmm())
+            .args(["ctl", "--api-sock"])
+            .arg(dir.path(sock))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (vmm, _c) = boot(
+        &dir,
+        "source",
+        "tg.run=counter tg.period_ms=20",
+        "TG count=5",
+    );
+    ctl("source.sock", &["pause"]);
+    let (s, m) = (state.to_str().unwrap(), mem.to_str().unwrap());
+    ctl(
+        "source.sock",
+        &[
+            "snapshot-create",
+            "--snapshot-path",
+            s,
+            "--mem-file-path",
+            m,
+        ],
+    );
+    let last = *counts(&vmm).last().unwrap();
+    drop(vmm);
+    let sock = dir.path("loaded.sock");
+    let loaded = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap()]);
+    drop(loaded.client());
+    ctl(
+        "loaded.sock",
+        &[
+            "snapshot-load",
+            "--snapshot-path",
+            s,
+            "--mem-path",
+            m,
+            "--resume",
+        ],
+    );
+    loaded.wait_for("the counter to go on", |out| {
+        out.contains(&format!("TG count={}", last + 3))
+    });
+    assert_eq!(counts(&loaded)[0], last + 1);
+}

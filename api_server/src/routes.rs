@@ -10,7 +10,7 @@ use axum::routing::{get, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use vmm::rpc::{ActionError, ApiSender, VmmAction, VmmData};
+use vmm::rpc::{ActionError, ActionResult, ApiSender, VmmAction, VmmData};
 
 use crate::MAX_BODY_BYTES;
 
@@ -33,11 +33,17 @@ fn bad_request(message: impl Into<String>) -> Response {
 /// thread does: requests are served one at a time) and turns the answer into a response.
 fn call(api: &ApiSender, action: VmmAction) -> Response {
     let what = format!("{action:?}");
-    match api.call(action) {
+    respond(&what, api.call(action))
+}
+
+/// The response for the VMM's answer to `what`.
+fn respond(what: &str, answer: ActionResult) -> Response {
+    match answer {
         Ok(VmmData::Empty) => StatusCode::NO_CONTENT.into_response(),
         Ok(VmmData::InstanceInfo(info)) => axum::Json(info).into_response(),
         Ok(VmmData::MachineConfig(m)) => axum::Json(m).into_response(),
         Ok(VmmData::VmConfig(c)) => axum::Json(c).into_response(),
+        Ok(VmmData::Migration(m)) => axum::Json(m).into_response(),
         Ok(VmmData::Text(t)) => {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], t).into_response()
         }
@@ -218,6 +224,35 @@ async fn load_snapshot(State(api): State<Api>, body: Body) -> Response {
     call(&api, VmmAction::LoadSnapshot(body_or_return!(body)))
 }
 
+async fn migration_receive(State(api): State<Api>, body: Body) -> Response {
+    call(&api, VmmAction::MigrationReceive(body_or_return!(body)))
+}
+
+/// `PUT /migration/send` lasts as long as the migration: its answer is awaited without
+/// blocking the API thread, so `GET /migration` is served meanwhile.
+async fn migration_send(State(api): State<Api>, body: Body) -> Response {
+    let action = VmmAction::MigrationSend(body_or_return!(body));
+    let answer = match api.submit(action) {
+        Ok(answer) => answer,
+        Err(e) => return respond("MigrationSend", Err(e)),
+    };
+    loop {
+        match answer.try_recv() {
+            Ok(result) => return respond("MigrationSend", result),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return respond("MigrationSend", Err(ActionError::VmmGone))
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
+
+async fn get_migration(State(api): State<Api>) -> Response {
+    call(&api, VmmAction::GetMigration)
+}
+
 async fn get_vm_config(State(api): State<Api>) -> Response {
     call(&api, VmmAction::GetVmConfig)
 }
@@ -262,6 +297,9 @@ pub fn router(api: Api) -> Router {
         .route("/vm/config", get(get_vm_config))
         .route("/snapshot/create", put(create_snapshot))
         .route("/snapshot/load", put(load_snapshot))
+        .route("/migration", get(get_migration))
+        .route("/migration/receive", put(migration_receive))
+        .route("/migration/send", put(migration_send))
         .fallback(invalid_path)
         .method_not_allowed_fallback(invalid_path)
         .layer(axum::middleware::from_fn(count_request))

@@ -11,3 +11,13 @@ pub mod rate_limiter;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory as every device and the VMM see it: each region carries a bitmap of the pages
+/// written through it (by devices, and by the VMM itself), which KVM's dirty log cannot see.
+/// Live migration sends those pages again.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// A slice of [`GuestMemoryMmap`] (writes through it can be marked in the region's bitmap).
+pub type GuestSlice<'a> =
+    vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;

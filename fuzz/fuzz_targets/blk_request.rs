@@ -21,7 +21,8 @@ use devices::virtio::block::request::{
 };
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{DescriptorChain, QueueT, Reader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 
 const ID: &str = "fuzz-serial-0123456789abcdef";
 const T_IN: u32 = 0;

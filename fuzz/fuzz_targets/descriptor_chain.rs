@@ -18,7 +18,8 @@ use anvil_fuzz::{guest_memory, QueueLayout};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{QueueT, Reader, Writer};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestMemory, Permissions};
+use devices::GuestMemoryMmap;
 
 /// The bytes of `descs` read straight from guest memory, or None if one is not in memory.
 fn plain_bytes(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<Vec<u8>> {

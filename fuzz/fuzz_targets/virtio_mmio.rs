@@ -33,7 +33,8 @@ use devices::virtio::rng::Rng;
 use devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use devices::BusDevice;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 const MAX_OPS: usize = 48;

@@ -10,7 +10,8 @@
 use std::os::fd::FromRawFd;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use devices::GuestMemoryMmap;
 
 /// Guest memory: two adjacent regions (buffers may straddle the boundary at
 /// [`REGION_EDGE`]), a hole, and a small third region after it.

@@ -66,3 +66,54 @@ impl Drop for NetNs {
         }
     }
 }
+
+/// Two network namespaces standing for two hosts, joined by a veth pair: `a` is 10.77.0.1
+/// and `b` is 10.77.0.2; both deleted on drop.
+#[allow(dead_code)]
+pub struct TwoHosts {
+    /// The first namespace (10.77.0.1).
+    pub a: String,
+    /// The second namespace (10.77.0.2).
+    pub b: String,
+}
+
+#[allow(dead_code)]
+impl TwoHosts {
+    /// Makes the namespaces and the link between them.
+    pub fn new() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let hosts = TwoHosts {
+            a: format!("anvil-ha-{pid}-{n}"),
+            b: format!("anvil-hb-{pid}-{n}"),
+        };
+        ip(&["netns", "add", &hosts.a]);
+        ip(&["netns", "add", &hosts.b]);
+        let (va, vb) = (
+            format!("va{:x}n{n}", pid & 0xff_ffff),
+            format!("vb{:x}n{n}", pid & 0xff_ffff),
+        );
+        ip(&[
+            "-n", &hosts.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
+            &hosts.b,
+        ]);
+        for (ns, dev, addr) in [
+            (&hosts.a, &va, "10.77.0.1/24"),
+            (&hosts.b, &vb, "10.77.0.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}

@@ -11,13 +11,19 @@ use crate::config::VmConfig;
 use crate::metrics::MetricsWriter;
 use crate::vmm::{MemorySource, PreparedVm};
 
+use crate::migration::receive::{receive, Incoming, ReceiveSettings};
+use crate::migration::{
+    MigrationError, MigrationReceiveParams, MigrationState, MigrationStatus, MigrationUrl,
+    SharedStatus,
+};
 use crate::resources::{
     FullVmConfiguration, HugePages, MemBackendType, ResourceError, SnapshotLoadParams, VmResources,
 };
 use crate::rpc::{
-    ActionError, ActionResult, ApiReceiver, InstanceInfo, VmState, VmmAction, VmmData,
+    ActionError, ActionResult, ApiReceiver, ApiRequest, InstanceInfo, VmState, VmmAction, VmmData,
 };
 use crate::vmm::{ApiContext, VmOutcome, Vmm, VmmError};
+use vmm_sys_util::eventfd::EventFd;
 
 /// anvil's version, as `GET /` and `GET /version` report it.
 pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -286,14 +292,145 @@ fn handle_pre_boot(
         VmmAction::SendCtrlAltDel => Err(ActionError::PostBootOnly("SendCtrlAltDel")),
         VmmAction::Pause | VmmAction::Resume => Err(ActionError::PostBootOnly("PATCH /vm")),
         VmmAction::CreateSnapshot(_) => Err(ActionError::PostBootOnly("PUT /snapshot/create")),
-        VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) => {
-            unreachable!("InstanceStart and LoadSnapshot are handled by the caller")
+        VmmAction::MigrationSend(_) => Err(ActionError::PostBootOnly("PUT /migration/send")),
+        VmmAction::InstanceStart
+        | VmmAction::LoadSnapshot(_)
+        | VmmAction::MigrationReceive(_)
+        | VmmAction::GetMigration => {
+            unreachable!("InstanceStart, LoadSnapshot and migration are handled by the caller")
         }
     }
 }
 
 fn empty(r: Result<(), crate::resources::ResourceError>) -> ActionResult {
     r.map(|()| VmmData::Empty).map_err(ActionError::from)
+}
+
+/// An incoming live migration: the thread receiving it reports here.
+struct IncomingMigration {
+    done: std::sync::mpsc::Receiver<Result<Incoming, String>>,
+    evt: EventFd,
+}
+
+/// What the pre-boot loop waits for.
+enum PreBootEvent {
+    /// An API request.
+    Api(ApiRequest),
+    /// The incoming migration ended.
+    Incoming(Result<Incoming, String>),
+    /// The API server is gone.
+    Closed,
+}
+
+/// Waits for the next API request or the end of the incoming migration.
+fn next_event(api: &ApiReceiver, incoming: Option<&IncomingMigration>) -> PreBootEvent {
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc::TryRecvError;
+    let Some(incoming) = incoming else {
+        return api
+            .rx
+            .recv()
+            .map_or(PreBootEvent::Closed, PreBootEvent::Api);
+    };
+    loop {
+        match incoming.done.try_recv() {
+            Ok(result) => return PreBootEvent::Incoming(result),
+            Err(TryRecvError::Disconnected) => {
+                return PreBootEvent::Incoming(Err("the receiving thread ended".into()))
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        match api.rx.try_recv() {
+            Ok(request) => return PreBootEvent::Api(request),
+            Err(TryRecvError::Disconnected) => return PreBootEvent::Closed,
+            Err(TryRecvError::Empty) => {}
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: api.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: incoming.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let _ = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        // Clear both counters; the channels are read again above, so nothing is missed.
+        let _ = api.evt.read();
+        let _ = incoming.evt.read();
+    }
+}
+
+/// `PUT /migration/receive`: listens at once (so a bad address is reported) and receives
+/// on a thread.
+fn start_receiving(
+    params: &MigrationReceiveParams,
+    resources: &VmResources,
+    status: &SharedStatus,
+    start: Instant,
+) -> Result<IncomingMigration, ActionError> {
+    let url = MigrationUrl::parse("receiver_url", &params.receiver_url)
+        .map_err(|e| ActionError::Failed(e.to_string()))?;
+    for o in &params.network_overrides {
+        crate::resources::check_tap(&o.host_dev_name)?;
+    }
+    let listener = url
+        .listen()
+        .map_err(|e| ActionError::Failed(error_chain(&e)))?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| ActionError::Failed(format!("eventfd: {e}")))?;
+    let thread_evt = evt
+        .try_clone()
+        .map_err(|e| ActionError::Failed(format!("eventfd: {e}")))?;
+    let (tx, done) = std::sync::mpsc::channel();
+    let settings = ReceiveSettings {
+        kvm_device: resources.kvm_device.clone(),
+        seccomp_level: resources.seccomp_level,
+        network_overrides: params.network_overrides.clone(),
+    };
+    crate::migration::update(status, |s| {
+        *s = MigrationStatus {
+            state: MigrationState::Receiving,
+            role: Some("destination"),
+            url: Some(params.receiver_url.clone()),
+            ..Default::default()
+        };
+    });
+    let status = status.clone();
+    std::thread::Builder::new()
+        .name("anvil-receive".into())
+        .spawn(move || {
+            let accepted = listener.accept().map_err(|e| MigrationError::Connect {
+                what: "accept on",
+                url: format!("{url:?}"),
+                source: e,
+            });
+            let began = Instant::now();
+            drop(listener);
+            let result = accepted.and_then(|stream| receive(stream, &settings, &status, start));
+            crate::migration::update(&status, |s| {
+                s.total_ms = Some(began.elapsed().as_secs_f64() * 1000.0);
+                match &result {
+                    Ok(_) => s.state = MigrationState::Completed,
+                    Err(e) => {
+                        s.state = MigrationState::Failed;
+                        s.error = Some(error_chain(e));
+                    }
+                }
+            });
+            match &result {
+                Ok(_) => tracing::info!("migration received: the guest runs here"),
+                Err(e) => tracing::warn!("migration refused: {}", error_chain(e)),
+            }
+            let _ = tx.send(result.map_err(|e| error_chain(&e)));
+            let _ = thread_evt.write(1);
+        })
+        .map_err(|e| ActionError::Failed(format!("cannot start the receiving thread: {e}")))?;
+    Ok(IncomingMigration { done, evt })
 }
 
 /// Serves API requests on the calling thread until `InstanceStart` succeeds, then runs the
@@ -316,6 +453,7 @@ pub fn run(
         .map(|m| MetricsWriter::open(&m.metrics_path))
         .transpose()?;
     let mut start_paused = false;
+    let migration = crate::migration::SharedStatus::default();
     let (mut vmm, start_reply): (Vmm, Option<Sender<ActionResult>>) = if boot_now {
         let vmm = build(&resources, start, None).map_err(|e| VmmError::Api(e.to_string()))?;
         (vmm, None)
@@ -328,10 +466,53 @@ pub fn run(
         // Preparation starts with the first request that configures a boot, not at process
         // start: it would compete with start-up and with a snapshot load, which needs none.
         let mut preparer = Preparer::default();
+        let mut incoming: Option<IncomingMigration> = None;
         loop {
-            let Ok(request) = api.rx.recv() else {
-                return Err(VmmError::Api("the API server stopped".into()));
+            let request = match next_event(api, incoming.as_ref()) {
+                PreBootEvent::Closed => {
+                    return Err(VmmError::Api("the API server stopped".into()));
+                }
+                PreBootEvent::Incoming(Ok(received)) => {
+                    resources = received.resources;
+                    break (received.vmm, None);
+                }
+                PreBootEvent::Incoming(Err(why)) => {
+                    tracing::warn!("incoming migration failed: {why}");
+                    incoming = None;
+                    continue;
+                }
+                PreBootEvent::Api(request) => request,
             };
+            match &request.action {
+                VmmAction::GetMigration => {
+                    let status = crate::migration::snapshot(&migration);
+                    let _ = request.reply.send(Ok(VmmData::Migration(status)));
+                    continue;
+                }
+                VmmAction::MigrationReceive(params) => {
+                    let answer = if incoming.is_some() {
+                        Err(ActionError::State(
+                            "a live migration is being received already".into(),
+                        ))
+                    } else {
+                        start_receiving(params, &resources, &migration, start).map(|m| {
+                            incoming = Some(m);
+                            // The VM comes from the source: a prepared one is not needed.
+                            preparer.discard();
+                            VmmData::Empty
+                        })
+                    };
+                    let _ = request.reply.send(answer);
+                    continue;
+                }
+                VmmAction::InstanceStart | VmmAction::LoadSnapshot(_) if incoming.is_some() => {
+                    let _ = request.reply.send(Err(ActionError::State(
+                        "a live migration is being received".into(),
+                    )));
+                    continue;
+                }
+                _ => {}
+            }
             if let VmmAction::LoadSnapshot(params) = &request.action {
                 preparer.discard();
                 match load_snapshot(params, &resources, start) {
@@ -380,6 +561,7 @@ pub fn run(
         instance_id: instance_id.to_string(),
         start_reply,
         start_paused,
+        migration,
     });
     vmm.run(console_in, context)
 }

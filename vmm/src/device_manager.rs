@@ -11,9 +11,9 @@ use arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_END, VIRTIO_MMIO_SLOT_SIZE, VI
 use devices::legacy::{BootTimer, Cmos, SerialDevice, I8042};
 use devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
 use devices::virtio::{Interrupt, MmioTransport, VirtioDevice};
+use devices::GuestMemoryMmap;
 use devices::{Bus, BusError};
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of device setup.

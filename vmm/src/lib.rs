@@ -11,6 +11,7 @@ pub mod loader;
 pub mod logger;
 pub mod memory;
 pub mod metrics;
+pub mod migration;
 pub mod resources;
 pub mod rpc;
 pub mod seccomp;
@@ -20,4 +21,4 @@ mod vmm;
 
 pub use config::{BootProtocolChoice, ConfigError, VmConfig};
 pub use seccomp::SeccompLevel;
-pub use vmm::{ApiContext, MemorySource, PreparedVm, VmOutcome, Vmm, VmmError};
+pub use vmm::{ApiContext, MemorySource, PreparedVm, RestoreTarget, VmOutcome, Vmm, VmmError};

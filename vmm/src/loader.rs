@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use arch::boot::{BootProtocol, InitrdConfig};
 use arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use devices::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::config::BootProtocolChoice;
 

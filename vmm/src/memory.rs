@@ -1,7 +1,8 @@
 //! Guest memory: allocation per the arch memory map, and registration with KVM.
 
+use devices::GuestMemoryMmap;
 use kvm_ioctls::VmFd;
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Errors of guest memory setup.
 #[derive(Debug, thiserror::Error)]

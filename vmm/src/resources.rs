@@ -507,7 +507,7 @@ pub fn check_rate_limiter(
 }
 
 /// Checks that the tap `name` exists.
-fn check_tap(name: &str) -> Result<(), ResourceError> {
+pub(crate) fn check_tap(name: &str) -> Result<(), ResourceError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', '\0']) {
         return Err(invalid(
             "host_dev_name",

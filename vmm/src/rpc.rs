@@ -8,6 +8,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::migration::{MigrationReceiveParams, MigrationSendParams, MigrationStatus};
 use crate::resources::{
     BootSource, Drive, EntropyDevice, FullVmConfiguration, Logger, MachineConfig,
     MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
@@ -63,6 +64,12 @@ pub enum VmmAction {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoadParams),
+    /// `PUT /migration/receive` (Anvil extension).
+    MigrationReceive(MigrationReceiveParams),
+    /// `PUT /migration/send` (Anvil extension).
+    MigrationSend(MigrationSendParams),
+    /// `GET /migration` (Anvil extension).
+    GetMigration,
 }
 
 /// The VM's state as Firecracker reports it.
@@ -103,6 +110,8 @@ pub enum VmmData {
     VmConfig(Box<FullVmConfiguration>),
     /// Plain text (Prometheus exposition).
     Text(String),
+    /// `GET /migration`.
+    Migration(MigrationStatus),
 }
 
 /// Why an action failed; the text is the `fault_message`.
@@ -175,6 +184,14 @@ pub fn api_channel() -> std::io::Result<(ApiSender, ApiReceiver)> {
 impl ApiSender {
     /// Sends `action` and waits for the VMM's answer.
     pub fn call(&self, action: VmmAction) -> ActionResult {
+        self.submit(action)?
+            .recv()
+            .map_err(|_| ActionError::VmmGone)?
+    }
+
+    /// Sends `action` without waiting: the answer arrives on the returned channel (for
+    /// requests that last, such as `PUT /migration/send`, while others are served).
+    pub fn submit(&self, action: VmmAction) -> Result<Receiver<ActionResult>, ActionError> {
         let (reply, answer) = channel();
         self.tx
             .send(ApiRequest { action, reply })
@@ -182,7 +199,7 @@ impl ApiSender {
         if self.evt.write(1).is_err() {
             return Err(ActionError::VmmGone);
         }
-        answer.recv().map_err(|_| ActionError::VmmGone)?
+        Ok(answer)
     }
 }
 

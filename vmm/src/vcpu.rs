@@ -382,8 +382,7 @@ impl Vcpu {
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
-                self.serve_requests();
-                None
+                self.serve_requests()
             }
             Err(e) => {
                 self.metrics.failures.inc();
@@ -392,14 +391,19 @@ impl Vcpu {
         }
     }
 
-    fn serve_requests(&mut self) {
+    /// Serves the waiting requests; a vCPU paused when the VMM goes away stops for good
+    /// (its guest must not run again: it may be running elsewhere after a migration).
+    fn serve_requests(&mut self) -> Option<VcpuStop> {
         while let Ok(request) = self.requests.try_recv() {
             if request == VcpuRequest::Pause {
-                self.paused();
+                if !self.paused() {
+                    return Some(VcpuStop::Failed("the VMM stopped".into()));
+                }
             } else {
                 self.serve(request);
             }
         }
+        None
     }
 
     fn serve(&mut self, request: VcpuRequest) {
@@ -421,15 +425,15 @@ impl Vcpu {
         }
     }
 
-    /// Waits outside `KVM_RUN` until resumed. Progress checks are answered as "not idle":
-    /// a paused guest is not a stuck one.
-    fn paused(&mut self) {
+    /// Waits outside `KVM_RUN` until resumed (true) or the VMM is gone (false). Progress
+    /// checks are answered as "not idle": a paused guest is not a stuck one.
+    fn paused(&mut self) -> bool {
         self.report(VcpuEvent::Paused { id: self.id });
         loop {
             match self.requests.recv() {
                 Ok(VcpuRequest::Resume) => {
                     self.report(VcpuEvent::Resumed { id: self.id });
-                    return;
+                    return true;
                 }
                 Ok(VcpuRequest::Pause) => self.report(VcpuEvent::Paused { id: self.id }),
                 Ok(VcpuRequest::CheckProgress) => self.report(VcpuEvent::Progress {
@@ -445,7 +449,7 @@ impl Vcpu {
                     });
                 }
                 // The VMM is gone: nothing will resume this vCPU.
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
     }

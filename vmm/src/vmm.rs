@@ -13,11 +13,12 @@ use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::{Net, Tap, TapError};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockError};
+use devices::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -145,11 +146,13 @@ pub struct ApiContext {
     pub start_reply: Option<Sender<ActionResult>>,
     /// Start with the vCPUs paused (a snapshot loaded without `resume_vm`).
     pub start_paused: bool,
+    /// Live migration progress (`GET /migration`).
+    pub migration: crate::migration::SharedStatus,
 }
 
 /// The VM-wide KVM objects the event loop needs for snapshots.
 struct Machine<'a> {
-    vm: &'a VmFd,
+    vm: &'a std::sync::Arc<VmFd>,
     mem: &'a GuestMemoryMmap,
 }
 
@@ -160,6 +163,8 @@ pub enum VmOutcome {
     Reset,
     /// The guest crashed or stopped making progress.
     GuestFailure(String),
+    /// The guest moved to another VMM (live migration).
+    Migrated,
 }
 
 /// What `Vmm::configure` produces.
@@ -180,7 +185,7 @@ pub struct Vmm {
     // (closing the fd would turn missing pages into zero pages).
     _uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: std::sync::Arc<VmFd>,
     _guest_memory: GuestMemoryMmap,
     devices: DeviceManager,
     vcpus: Vec<Vcpu>,
@@ -391,7 +396,7 @@ impl PreparedVm {
 
 /// A locally administered unicast MAC address for interface `index` on `tap`: derived from
 /// the tap's name, so the same VM (or its snapshot, restored on the same tap) keeps it.
-fn default_mac(tap: &str, index: usize) -> [u8; 6] {
+pub(crate) fn default_mac(tap: &str, index: usize) -> [u8; 6] {
     let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
@@ -446,6 +451,56 @@ fn vcpu_error<E: std::error::Error + Send + Sync + 'static>(
         id,
         what,
         source: Box::new(e),
+    }
+}
+
+/// A KVM VM with its irqchip, PIT and guest memory, waiting for a saved state
+/// ([`Vmm::restore_into`]).
+#[derive(Debug)]
+pub struct RestoreTarget {
+    kvm: Kvm,
+    vm: VmFd,
+    memory: GuestMemoryMmap,
+    uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+}
+
+impl RestoreTarget {
+    /// Creates the KVM VM and registers `memory` (with `uffd`, the page-fault handler
+    /// that fills it) as its memory slots.
+    pub fn new(
+        kvm_device: &std::path::Path,
+        memory: GuestMemoryMmap,
+        uffd: Option<(userfaultfd::Uffd, std::os::unix::net::UnixStream)>,
+        track_dirty_pages: bool,
+    ) -> Result<Self, VmmError> {
+        let kvm = crate::kvm::open(kvm_device)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
+        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
+            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
+        // Slots before the irqchip, as in `PreparedVm::new` (no grace-period wait).
+        crate::memory::register_with_kvm(&vm, &memory, track_dirty_pages)?;
+        vm.create_irq_chip()
+            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+        Ok(Self {
+            kvm,
+            vm,
+            memory,
+            uffd,
+        })
+    }
+
+    /// The guest memory (a migration fills it before the state arrives).
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
     }
 }
 
@@ -518,7 +573,7 @@ impl Vmm {
         Ok(Self {
             _uffd: None,
             _kvm: prepared.kvm,
-            _vm: prepared.vm,
+            _vm: std::sync::Arc::new(prepared.vm),
             _guest_memory: prepared.guest_memory,
             devices: parts.devices,
             vcpus: parts.vcpus,
@@ -670,28 +725,8 @@ impl Vmm {
         track_dirty_pages: bool,
         start: Instant,
     ) -> Result<Self, VmmError> {
-        // Restored devices start their workers below, before the VM runs: they filter
-        // themselves.
-        seccomp::prepare_workers(config.seccomp_level)?;
-        let kvm = crate::kvm::open(kvm_device)?;
         let snapshot_error =
             |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
-        if usize::from(state.vcpu_count) > kvm.get_max_vcpus() {
-            return Err(VmmError::TooManyVcpus {
-                count: state.vcpu_count,
-                max: kvm.get_max_vcpus(),
-            });
-        }
-        for vcpu in &state.vcpus {
-            crate::snapshot::state::check_cpu_features(&kvm, vcpu).map_err(snapshot_error)?;
-        }
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmmError::VmSetup("create a VM", e))?;
-        vm.set_tss_address(usize::try_from(KVM_TSS_START).expect("the TSS address is below 4 GiB"))
-            .map_err(|e| VmmError::VmSetup("set the TSS address", e))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
-            .map_err(|e| VmmError::VmSetup("set the identity map address", e))?;
         let (guest_memory, uffd) = match memory {
             MemorySource::File(path) => (
                 crate::snapshot::map_memory(path, &state.memory)
@@ -704,15 +739,48 @@ impl Vmm {
                 (m.memory, Some((m.uffd, m.stream)))
             }
         };
-        // Slots before the irqchip, as in `PreparedVm::new` (no grace-period wait).
-        crate::memory::register_with_kvm(&vm, &guest_memory, track_dirty_pages)?;
-        vm.create_irq_chip()
-            .map_err(|e| VmmError::VmSetup("create the in-kernel irqchip", e))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(|e| VmmError::VmSetup("create the in-kernel PIT", e))?;
+        let target = RestoreTarget::new(kvm_device, guest_memory, uffd, track_dirty_pages)?;
+        Self::restore_into(target, state, config, start)
+    }
+
+    /// Gives the VM `target` (a KVM VM with its memory already filled: from a snapshot file,
+    /// or received by a live migration) the saved vCPU, VM and device state.
+    pub fn restore_into(
+        target: RestoreTarget,
+        state: &MicrovmState,
+        config: &VmConfig,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        // Restored devices start their workers below, before the VM runs: they filter
+        // themselves.
+        seccomp::prepare_workers(config.seccomp_level)?;
+        let RestoreTarget {
+            kvm,
+            vm,
+            memory: guest_memory,
+            uffd,
+        } = target;
+        let snapshot_error =
+            |why: String| VmmError::Api(format!("cannot load the snapshot: {why}"));
+        if usize::from(state.vcpu_count) > kvm.get_max_vcpus() {
+            return Err(VmmError::TooManyVcpus {
+                count: state.vcpu_count,
+                max: kvm.get_max_vcpus(),
+            });
+        }
+        for vcpu in &state.vcpus {
+            crate::snapshot::state::check_cpu_features(&kvm, vcpu).map_err(snapshot_error)?;
+        }
+        let layout: Vec<(u64, u64)> = guest_memory
+            .iter()
+            .map(|r| (r.start_addr().raw_value(), r.len()))
+            .collect();
+        let saved: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.guest_addr, r.len)).collect();
+        if layout != saved {
+            return Err(snapshot_error(
+                "the guest memory does not match the saved memory layout".into(),
+            ));
+        }
         let mut devices =
             DeviceManager::with_state(&vm, start, Box::new(ConsoleOut), Some(&state.legacy))?;
         let mut metrics = Registry::default();
@@ -797,7 +865,7 @@ impl Vmm {
         Ok(Self {
             _uffd: uffd,
             _kvm: kvm,
-            _vm: vm,
+            _vm: std::sync::Arc::new(vm),
             _guest_memory: guest_memory,
             devices,
             vcpus,
@@ -961,6 +1029,22 @@ const TOKEN_STDIN: u64 = 3;
 const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
+const TOKEN_MIGRATION: u64 = 7;
+
+/// How long a VMM whose guest migrated away keeps answering `GET /migration`.
+const MIGRATED_LINGER: Duration = Duration::from_secs(2);
+
+/// A live migration this VMM is sending.
+struct OutgoingMigration {
+    /// The `PUT /migration/send` request, answered when the migration ends.
+    reply: Sender<ActionResult>,
+    /// From the migration thread.
+    events: Receiver<crate::migration::send::SourceEvent>,
+    evt: EventFd,
+    /// Once the guest is stopped for the last round: whether it was paused before, and
+    /// the devices' saved transport state (to restart them if the migration fails).
+    stopped: Option<(bool, Vec<devices::virtio::mmio::MmioTransportState>)>,
+}
 
 /// How long pausing or resuming waits for every vCPU to answer.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -988,6 +1072,12 @@ struct EventLoop {
     metrics: Registry,
     /// Where metrics lines go, with the timer of the periodic flush.
     metrics_out: Option<(MetricsWriter, TimerFd)>,
+    /// The live migration in progress.
+    migration: Option<OutgoingMigration>,
+    /// When the guest moved to another VMM.
+    migrated_at: Option<Instant>,
+    /// A migration read (and so cleared) KVM's dirty log: the next snapshot must be Full.
+    dirty_log_consumed: bool,
 }
 
 impl EventLoop {
@@ -1027,6 +1117,9 @@ impl EventLoop {
             outcome: None,
             metrics: Registry::default(),
             metrics_out: None,
+            migration: None,
+            migrated_at: None,
+            dirty_log_consumed: false,
         })
     }
 
@@ -1081,6 +1174,12 @@ impl EventLoop {
         let mut events = vec![EpollEvent::default(); 8];
         let mut next_check = Instant::now() + PROGRESS_CHECK_INTERVAL;
         loop {
+            if let Some(at) = self.migrated_at {
+                if at.elapsed() >= MIGRATED_LINGER {
+                    return Ok(VmOutcome::Migrated);
+                }
+                next_check = next_check.min(at + MIGRATED_LINGER);
+            }
             let timeout = next_check.saturating_duration_since(Instant::now());
             let n = match self.epoll.wait(
                 i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX),
@@ -1118,6 +1217,12 @@ impl EventLoop {
                         let _ = devices.serial_input_room_evt.read();
                         self.feed_serial(devices)?;
                     }
+                    TOKEN_MIGRATION => {
+                        self.on_migration_events(devices, vcpu_events, vcpus, machine);
+                        if let Some(outcome) = self.outcome.take() {
+                            return Ok(outcome);
+                        }
+                    }
                     TOKEN_METRICS => {
                         if let Some((_, timer)) = &mut self.metrics_out {
                             // Drain the expiration count; one line however many passed.
@@ -1153,6 +1258,10 @@ impl EventLoop {
             return;
         };
         for request in requests {
+            if let VmmAction::MigrationSend(params) = request.action {
+                self.start_migration(params, request.reply, machine);
+                continue;
+            }
             let answer = self.runtime_action(request.action, devices, vcpu_events, vcpus, machine);
             let _ = request.reply.send(answer);
         }
@@ -1175,7 +1284,38 @@ impl EventLoop {
         let Some(api) = self.api.as_ref() else {
             return Err(ActionError::VmmGone);
         };
+        let read_only = matches!(
+            action,
+            VmmAction::GetInstanceInfo
+                | VmmAction::GetMachineConfig
+                | VmmAction::GetVmConfig
+                | VmmAction::GetMigration
+                | VmmAction::GetPrometheusMetrics
+                | VmmAction::FlushMetrics
+        );
+        if self.migrated_at.is_some() && !read_only {
+            return Err(ActionError::State(
+                "the microVM has migrated to another VMM".into(),
+            ));
+        }
+        if self.migration.is_some()
+            && matches!(
+                action,
+                VmmAction::CreateSnapshot(_) | VmmAction::PatchDrive(..) | VmmAction::Resume
+            )
+        {
+            return Err(ActionError::State("a live migration is in progress".into()));
+        }
         match action {
+            VmmAction::GetMigration => Ok(VmmData::Migration(crate::migration::snapshot(
+                &api.migration,
+            ))),
+            VmmAction::MigrationReceive(_) => {
+                Err(ActionError::PreBootOnly("PUT /migration/receive"))
+            }
+            VmmAction::MigrationSend(_) => {
+                Err(ActionError::State("a live migration is in progress".into()))
+            }
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(
                 crate::controller::instance_info(&api.instance_id, state),
             )),
@@ -1259,6 +1399,13 @@ impl EventLoop {
             .api
             .as_ref()
             .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        if params.snapshot_type == SnapshotType::Diff && self.dirty_log_consumed {
+            return Err(ActionError::State(
+                "snapshot_type: a live migration read the dirty-page log; take a Full \
+                 snapshot before the next Diff"
+                    .into(),
+            ));
+        }
         if params.snapshot_type == SnapshotType::Diff && !tracking {
             return Err(ActionError::State(
                 "snapshot_type: Diff snapshots need track_dirty_pages in the machine \
@@ -1296,6 +1443,41 @@ impl EventLoop {
             .api
             .as_ref()
             .is_some_and(|a| a.resources.machine.track_dirty_pages);
+        let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
+        let state = self.save_state(devices, vcpu_events, vcpus, machine, virtio)?;
+        if params.snapshot_type == SnapshotType::Diff {
+            let bytes =
+                crate::snapshot::write_dirty_memory(&params.mem_file_path, machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            tracing::info!(bytes, "diff snapshot: dirty pages written");
+        } else {
+            crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
+                .map_err(|e| failed(&e))?;
+            if tracking {
+                crate::snapshot::clear_dirty_log(machine.mem, machine.vm)
+                    .map_err(|e| failed(&e))?;
+            }
+            self.dirty_log_consumed = false;
+        }
+        crate::snapshot::write_state(&params.snapshot_path, &state).map_err(|e| failed(&e))?;
+        tracing::info!(
+            state = %params.snapshot_path.display(),
+            memory = %params.mem_file_path.display(),
+            "snapshot written"
+        );
+        Ok(())
+    }
+
+    /// The state of the paused VM: every vCPU, the VM's KVM objects, the legacy devices and
+    /// `virtio` (the transports' state, saved by the caller as it quiesced them).
+    fn save_state(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+        virtio: Vec<devices::virtio::mmio::MmioTransportState>,
+    ) -> Result<MicrovmState, ActionError> {
         let api = self.api.as_ref().ok_or(ActionError::VmmGone)?;
         let resources = api.resources.clone();
         let failed = |e: &dyn std::error::Error| ActionError::Failed(error_chain(e));
@@ -1352,26 +1534,180 @@ impl EventLoop {
             config_json: serde_json::to_string(&resources.full_config())
                 .map_err(|e| ActionError::Failed(e.to_string()))?,
         };
-        if params.snapshot_type == SnapshotType::Diff {
-            let bytes =
-                crate::snapshot::write_dirty_memory(&params.mem_file_path, machine.mem, machine.vm)
-                    .map_err(|e| failed(&e))?;
-            tracing::info!(bytes, "diff snapshot: dirty pages written");
-        } else {
-            crate::snapshot::write_memory(&params.mem_file_path, machine.mem)
-                .map_err(|e| failed(&e))?;
-            if tracking {
-                crate::snapshot::clear_dirty_log(machine.mem, machine.vm)
-                    .map_err(|e| failed(&e))?;
+        Ok(state)
+    }
+
+    /// `PUT /migration/send`: starts the migration thread; the request is answered when
+    /// the migration ends ([`Self::on_migration_events`]).
+    fn start_migration(
+        &mut self,
+        params: crate::migration::MigrationSendParams,
+        reply: Sender<ActionResult>,
+        machine: &Machine<'_>,
+    ) {
+        let refuse = |reply: Sender<ActionResult>, e: ActionError| {
+            let _ = reply.send(Err(e));
+        };
+        if self.migrated_at.is_some() {
+            return refuse(
+                reply,
+                ActionError::State("the microVM has migrated to another VMM".into()),
+            );
+        }
+        if self.migration.is_some() {
+            return refuse(
+                reply,
+                ActionError::State("a live migration is in progress".into()),
+            );
+        }
+        let Some(api) = self.api.as_ref() else {
+            return refuse(reply, ActionError::VmmGone);
+        };
+        let url = match params.validate() {
+            Ok(url) => url,
+            Err(e) => return refuse(reply, ActionError::Failed(e.to_string())),
+        };
+        let config_json = match serde_json::to_string(&api.resources.full_config()) {
+            Ok(j) => j,
+            Err(e) => return refuse(reply, ActionError::Failed(e.to_string())),
+        };
+        let made = EventFd::new(libc::EFD_NONBLOCK).and_then(|evt| Ok((evt.try_clone()?, evt)));
+        let (thread_evt, evt) = match made {
+            Ok(pair) => pair,
+            Err(e) => return refuse(reply, ActionError::Failed(format!("eventfd: {e}"))),
+        };
+        if let Err(e) = self.watch(evt.as_raw_fd(), TOKEN_MIGRATION) {
+            return refuse(reply, ActionError::Failed(error_chain(&e)));
+        }
+        let (tx, events) = channel();
+        crate::migration::update(&api.migration, |s| {
+            *s = crate::migration::MigrationStatus {
+                state: crate::migration::MigrationState::Sending,
+                role: Some("source"),
+                url: Some(params.destination_url.clone()),
+                ..Default::default()
+            };
+        });
+        let job = crate::migration::send::SendJob {
+            url,
+            params,
+            vm: machine.vm.clone(),
+            memory: machine.mem.clone(),
+            config_json,
+            logging: api.resources.machine.track_dirty_pages,
+            status: api.migration.clone(),
+            link: crate::migration::send::SourceLink {
+                tx,
+                evt: thread_evt,
+            },
+        };
+        // A diff snapshot after this needs a full one first: the migration reads the log.
+        self.dirty_log_consumed = true;
+        let spawned = std::thread::Builder::new()
+            .name("anvil-migrate".into())
+            .spawn(move || crate::migration::send::run(job));
+        if let Err(e) = spawned {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                evt.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            return refuse(
+                reply,
+                ActionError::Failed(format!("cannot start the migration thread: {e}")),
+            );
+        }
+        tracing::info!("live migration started");
+        self.migration = Some(OutgoingMigration {
+            reply,
+            events,
+            evt,
+            stopped: None,
+        });
+    }
+
+    /// Serves the migration thread: stops the guest for the last round, and resumes it or
+    /// lets it go when the migration ends.
+    fn on_migration_events(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+    ) {
+        use crate::migration::send::SourceEvent;
+        let Some(run) = self.migration.as_ref() else {
+            return;
+        };
+        let _ = run.evt.read();
+        let events: Vec<SourceEvent> = run.events.try_iter().collect();
+        for event in events {
+            match event {
+                SourceEvent::Stop { reply } => {
+                    let answer = self.stop_for_migration(devices, vcpu_events, vcpus, machine);
+                    let _ = reply.send(answer);
+                }
+                SourceEvent::Finished(result) => {
+                    let Some(run) = self.migration.take() else {
+                        return;
+                    };
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        run.evt.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    match result {
+                        Ok(()) => {
+                            self.migrated_at = Some(Instant::now());
+                            let _ = run.reply.send(Ok(VmmData::Empty));
+                        }
+                        Err(why) => {
+                            if let Some((was_paused, virtio)) = &run.stopped {
+                                for (t, state) in devices.transports.iter().zip(virtio) {
+                                    t.lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .resume_after_save(state);
+                                }
+                                if !was_paused {
+                                    if let Err(e) = self.set_paused(false, vcpu_events, vcpus) {
+                                        tracing::error!("cannot resume the guest: {e}");
+                                    }
+                                }
+                            }
+                            tracing::info!("the guest keeps running here");
+                            let _ = run
+                                .reply
+                                .send(Err(ActionError::Failed(format!("migration failed: {why}"))));
+                        }
+                    }
+                }
             }
         }
-        crate::snapshot::write_state(&params.snapshot_path, &state).map_err(|e| failed(&e))?;
-        tracing::info!(
-            state = %params.snapshot_path.display(),
-            memory = %params.mem_file_path.display(),
-            "snapshot written"
-        );
-        Ok(())
+    }
+
+    /// Pauses the vCPUs, quiesces the devices and saves the state for the destination.
+    fn stop_for_migration(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+    ) -> Result<Vec<u8>, String> {
+        let was_paused = self.paused;
+        self.set_paused(true, vcpu_events, vcpus)
+            .map_err(|e| format!("cannot pause the guest: {e}"))?;
+        let virtio: Vec<_> = devices
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect();
+        if let Some(run) = self.migration.as_mut() {
+            run.stopped = Some((was_paused, virtio.clone()));
+        }
+        let state = self
+            .save_state(devices, vcpu_events, vcpus, machine, virtio)
+            .map_err(|e| format!("cannot save the guest's state: {e}"))?;
+        crate::snapshot::encode_state(&state).map_err(|e| error_chain(&e))
     }
 
     /// `PATCH /drives/{id}`: swaps the backing file and/or the rate limiter.

@@ -7,8 +7,9 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use devices::virtio::{ActivateContext, Interrupt, VirtioDevice};
+use devices::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Queue size used by every bench (the devices' maximum).

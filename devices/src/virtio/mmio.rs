@@ -2,8 +2,9 @@
 //! driver programs, the device status state machine and queue set-up, in front of a
 //! [`VirtioDevice`]. Every register value comes from the guest and is checked.
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, Interrupt, VirtioDevice, QUEUE_MAX_SIZE, VIRTIO_F_VERSION_1};

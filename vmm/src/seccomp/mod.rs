@@ -406,8 +406,8 @@ const FCNTL_CMDS: [u64; 5] = [
 mod ioctls {
     use kvm_bindings::{
         kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
-        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-        kvm_xsave, KVMIO,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
     };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -431,6 +431,13 @@ mod ioctls {
     ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
     ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
     ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    // Live migration switches KVM's dirty log on.
+    ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        KVMIO,
+        0x46,
+        kvm_userspace_memory_region
+    );
 }
 
 /// What every thread does: memory, locks, signals, time, logging, thread exit.
@@ -601,6 +608,30 @@ fn vmm(rules: &mut Rules) {
         ioctls::KVM_GET_IRQCHIP(),
         ioctls::KVM_GET_PIT2(),
     ]);
+    migration_source(rules);
+}
+
+/// The live-migration thread the main thread starts (it inherits the main thread's filter):
+/// a TCP or Unix stream to the destination, and KVM's dirty log switched on for every
+/// memory slot.
+fn migration_source(rules: &mut Rules) {
+    rules.allow_arg_in(
+        libc::SYS_socket,
+        0,
+        &[
+            libc::AF_UNIX as u64,
+            libc::AF_INET as u64,
+            libc::AF_INET6 as u64,
+        ],
+    );
+    rules.allow(&[
+        libc::SYS_connect,
+        libc::SYS_setsockopt,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_shutdown,
+    ]);
+    rules.allow_ioctls(&[ioctls::KVM_SET_USER_MEMORY_REGION()]);
 }
 
 /// The API thread: tokio's current-thread runtime (mio over epoll, an eventfd waker) serving

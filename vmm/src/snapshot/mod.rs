@@ -15,7 +15,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use devices::GuestMemoryMmap;
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use state::{MicrovmState, VcpuState, VmState};
 
@@ -90,9 +91,7 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
 
 /// Writes `state` to `path` (created or truncated).
 pub fn write_state(path: &Path, state: &MicrovmState) -> Result<(), SnapshotError> {
-    let payload = options()
-        .serialize(state)
-        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    let payload = encode_state(state)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -137,6 +136,19 @@ pub fn parse_state(path: &Path, bytes: &[u8]) -> Result<MicrovmState, SnapshotEr
     if crc32fast::hash(payload) != crc {
         return Err(SnapshotError::Checksum(path.to_path_buf()));
     }
+    decode_state(payload)
+}
+
+/// Encodes `state` as a snapshot payload (bincode; live migration sends it as is).
+pub fn encode_state(state: &MicrovmState) -> Result<Vec<u8>, SnapshotError> {
+    options()
+        .serialize(state)
+        .map_err(|e| SnapshotError::Decode(e.to_string()))
+}
+
+/// Decodes and checks a payload from [`encode_state`]: decoding is bounded by the payload's
+/// size and [`MAX_PAYLOAD`], and every count and layout is checked.
+pub fn decode_state(payload: &[u8]) -> Result<MicrovmState, SnapshotError> {
     let state: MicrovmState = options()
         .deserialize(payload)
         .map_err(|e| SnapshotError::Decode(e.to_string()))?;
@@ -408,7 +420,7 @@ pub fn map_memory(
         )
         .map_err(|e| fail(format!("cannot map it: {e}")))?;
         regions.push(
-            vm_memory::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(r.guest_addr))
+            devices::GuestRegionMmap::new(mapping, vm_memory::GuestAddress(r.guest_addr))
                 .ok_or_else(|| fail("region address overflows".into()))?,
         );
     }

@@ -11,9 +11,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use devices::GuestMemoryMmap;
 use serde::{Deserialize, Serialize};
 use userfaultfd::{Uffd, UffdBuilder};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::state::MemoryRegionState;

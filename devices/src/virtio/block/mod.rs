@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::GuestMemoryMmap;
 
 use self::request::{Disk, Request, RequestError, RequestKind, SECTOR_SIZE, STATUS_OK};
 use super::worker::{QueueHandler, Worker};

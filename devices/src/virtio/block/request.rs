@@ -13,9 +13,9 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{
-    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice,
-};
+
+use crate::{GuestMemoryMmap, GuestSlice};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Bytes per virtio-blk sector, whatever the backing file's block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -173,10 +173,10 @@ pub enum ChainError {
 /// data of a write), where the data of a read goes, and the status byte.
 #[derive(Debug)]
 pub struct Request<'a> {
-    readable: Vec<VolatileSlice<'a>>,
+    readable: Vec<GuestSlice<'a>>,
     /// Writable buffers without the status byte.
-    writable: Vec<VolatileSlice<'a>>,
-    status: VolatileSlice<'a>,
+    writable: Vec<GuestSlice<'a>>,
+    status: GuestSlice<'a>,
     readable_bytes: usize,
     writable_bytes: usize,
 }
@@ -302,7 +302,7 @@ fn map_buffer<'a>(
     mem: &'a GuestMemoryMmap,
     addr: GuestAddress,
     len: u32,
-    slices: &mut Vec<VolatileSlice<'a>>,
+    slices: &mut Vec<GuestSlice<'a>>,
 ) -> Result<(), ChainError> {
     let outside = || ChainError::OutsideMemory { addr: addr.0, len };
     let mut mapped = 0usize;
@@ -318,7 +318,7 @@ fn map_buffer<'a>(
 }
 
 /// Copies the start of `slices` into `buf`; returns the bytes copied.
-fn copy_from_slices(slices: &[VolatileSlice<'_>], buf: &mut [u8]) -> usize {
+fn copy_from_slices(slices: &[GuestSlice<'_>], buf: &mut [u8]) -> usize {
     let mut done = 0;
     for s in slices {
         if done == buf.len() {
@@ -330,7 +330,7 @@ fn copy_from_slices(slices: &[VolatileSlice<'_>], buf: &mut [u8]) -> usize {
 }
 
 /// Copies `buf` into the start of `slices`, as much as fits; returns the bytes copied.
-fn copy_to_slices(slices: &[VolatileSlice<'_>], buf: &[u8]) -> usize {
+fn copy_to_slices(slices: &[GuestSlice<'_>], buf: &[u8]) -> usize {
     let mut done = 0;
     for s in slices {
         if done == buf.len() {
@@ -358,7 +358,7 @@ enum Direction {
 fn transfer(
     disk: &Disk,
     mut offset: u64,
-    slices: &[VolatileSlice<'_>],
+    slices: &[GuestSlice<'_>],
     mut skip: usize,
     direction: Direction,
 ) -> Result<(), RequestError> {
@@ -419,7 +419,7 @@ fn transfer(
 }
 
 /// Marks `len` bytes of `slices`, from `skip` on, as written (dirty-page tracking).
-fn mark_dirty(slices: &[VolatileSlice<'_>], mut skip: usize, mut len: usize) {
+fn mark_dirty(slices: &[GuestSlice<'_>], mut skip: usize, mut len: usize) {
     for s in slices {
         if len == 0 {
             break;

@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use vm_memory::VolatileSlice;
+use crate::GuestSlice;
 
 /// `struct ifreq` as TUNSETIFF reads it: the name and the flags.
 #[repr(C)]
@@ -148,7 +148,7 @@ impl Tap {
 
     /// Writes one frame (header included) gathered straight from guest memory, at most
     /// [`MAX_FRAME_PIECES`] slices (`InvalidInput` beyond that).
-    pub fn write_frame_slices(&mut self, slices: &[VolatileSlice<'_>]) -> std::io::Result<usize> {
+    pub fn write_frame_slices(&mut self, slices: &[GuestSlice<'_>]) -> std::io::Result<usize> {
         let mut iov = [libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,

@@ -16,9 +16,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use self::packet::*;
@@ -347,7 +347,11 @@ impl VsockHandler {
     }
 
     /// Handles one packet the guest sent.
-    fn on_guest_packet(&mut self, hdr: Header, reader: &mut Reader<'_>) {
+    fn on_guest_packet(
+        &mut self,
+        hdr: Header,
+        reader: &mut Reader<'_, vm_memory::bitmap::BS<'_, vm_memory::bitmap::AtomicBitmap>>,
+    ) {
         let (src_cid, dst_cid, len, type_) = (hdr.src_cid, hdr.dst_cid, hdr.len, hdr.type_);
         if src_cid != self.cid || dst_cid != HOST_CID || type_ != TYPE_STREAM {
             crate::warn_limited!(

@@ -1,0 +1,278 @@
+//! The destination side: accepts one source, checks its version and configuration (disks,
+//! taps and memory must be there before any page moves), fills a fresh VM's memory with the
+//! pages as they come, restores the state, and runs the guest only once the source has
+//! stopped for good. Any failure discards the VM; nothing the source sends can write outside
+//! guest memory or make this side allocate more than a frame's limit.
+
+use std::io::{BufReader, Read, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::protocol::{self, Frame, Kind, PAGE_SIZE};
+use super::{update, MigrationError, SharedStatus};
+use crate::controller::error_chain;
+use crate::resources::{FullVmConfiguration, NetworkOverride, VmResources};
+use crate::seccomp::SeccompLevel;
+use crate::vmm::{RestoreTarget, Vmm};
+
+/// What the destination is configured with.
+#[derive(Debug, Clone)]
+pub struct ReceiveSettings {
+    /// The KVM device (None: /dev/kvm).
+    pub kvm_device: Option<PathBuf>,
+    /// Seccomp level for the received VM.
+    pub seccomp_level: SeccompLevel,
+    /// Taps replacing the source's.
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+/// A received VM, ready to run.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The VM.
+    pub vmm: Vmm,
+    /// Its resources (`GET /vm/config`).
+    pub resources: VmResources,
+}
+
+/// Counts the bytes read, for `GET /migration`.
+struct Counting<'a, R> {
+    inner: R,
+    status: &'a SharedStatus,
+    pending: u64,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pending += n as u64;
+        if self.pending >= 1 << 20 {
+            let add = std::mem::take(&mut self.pending);
+            update(self.status, |s| s.bytes += add);
+        }
+        Ok(n)
+    }
+}
+
+/// Serves one incoming migration on `stream` to its end.
+pub fn receive(
+    stream: super::Stream,
+    settings: &ReceiveSettings,
+    status: &SharedStatus,
+    start: Instant,
+) -> Result<Incoming, MigrationError> {
+    stream
+        .set_read_timeout(Some(super::PEER_TIMEOUT))
+        .map_err(protocol::ProtocolError::Io)?;
+    let mut out = stream.try_clone().map_err(protocol::ProtocolError::Io)?;
+    let mut input = Counting {
+        inner: BufReader::with_capacity(1 << 20, stream),
+        status,
+        pending: 0,
+    };
+    let result = serve(&mut input, &mut out, settings, status, start);
+    update(status, |s| s.bytes += input.pending);
+    if let Err(e) = &result {
+        if !matches!(
+            e,
+            MigrationError::Protocol(protocol::ProtocolError::Refused(_))
+        ) {
+            let _ = protocol::write_error(&mut out, &error_chain(e));
+        }
+    }
+    result
+}
+
+/// A `Config` frame checked against this host: the resources to build, the VM to fill.
+fn accept_config(
+    json: &str,
+    settings: &ReceiveSettings,
+) -> Result<(VmResources, crate::VmConfig, RestoreTarget), MigrationError> {
+    let refuse = |why: String| MigrationError::Refused(why);
+    let full: FullVmConfiguration = serde_json::from_str(json)
+        .map_err(|e| refuse(format!("invalid VM configuration from the source: {e}")))?;
+    let mut resources = VmResources::from_saved(full);
+    for o in &settings.network_overrides {
+        let index = resources
+            .nets
+            .iter()
+            .position(|n| n.iface_id == o.iface_id)
+            .ok_or_else(|| {
+                refuse(format!(
+                    "network_overrides: the VM has no network interface {:?}",
+                    o.iface_id
+                ))
+            })?;
+        let net = &mut resources.nets[index];
+        if net.guest_mac.is_none() {
+            // The guest keeps the address it was given from the source's tap name.
+            let mac = crate::vmm::default_mac(&net.host_dev_name, index);
+            net.guest_mac = Some(
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            );
+        }
+        net.host_dev_name = o.host_dev_name.clone();
+    }
+    resources.kvm_device = settings.kvm_device.clone();
+    resources.seccomp_level = settings.seccomp_level;
+    let config = resources
+        .vm_config()
+        .map_err(|e| refuse(format!("the VM configuration is not valid here: {e}")))?;
+    for disk in &config.disks {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(|e| {
+                refuse(format!(
+                    "drive {:?}: cannot open {}: {e}",
+                    disk.id,
+                    disk.path.display()
+                ))
+            })?;
+    }
+    for net in &config.nets {
+        if !std::path::Path::new("/sys/class/net")
+            .join(&net.tap)
+            .exists()
+        {
+            return Err(refuse(format!(
+                "network interface: no tap {:?} here",
+                net.tap
+            )));
+        }
+    }
+    if let Some(available) = available_mib() {
+        if config.mem_size_mib > available {
+            return Err(refuse(format!(
+                "not enough memory: the guest has {} MiB, this host has {available} MiB available",
+                config.mem_size_mib
+            )));
+        }
+    }
+    let memory = crate::memory::create_guest_memory(config.mem_size_mib)
+        .map_err(|e| refuse(format!("cannot allocate guest memory: {}", error_chain(&e))))?;
+    let target = RestoreTarget::new(
+        &config.kvm_device,
+        memory,
+        None,
+        resources.machine.track_dirty_pages,
+    )
+    .map_err(|e| refuse(format!("cannot create the VM: {}", error_chain(&e))))?;
+    Ok((resources, config, target))
+}
+
+/// MemAvailable plus free swap, in MiB.
+fn available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("MemAvailable:")? + field("SwapFree:").unwrap_or(0)) / 1024)
+}
+
+fn serve(
+    input: &mut impl Read,
+    out: &mut impl Write,
+    settings: &ReceiveSettings,
+    status: &SharedStatus,
+    start: Instant,
+) -> Result<Incoming, MigrationError> {
+    let peer = protocol::expect_hello(input)?;
+    protocol::write_hello(out, crate::controller::VMM_VERSION)?;
+    tracing::info!(peer_version = %peer, "migration: a source connected");
+    let json = match protocol::read_frame(input)? {
+        Frame::Config(json) => json,
+        Frame::Error(why) => return Err(protocol::ProtocolError::Refused(why).into()),
+        other => return Err(protocol::unexpected("Config", &other).into()),
+    };
+    let (resources, config, target) = accept_config(&json, settings)?;
+    protocol::write_frame(out, Kind::Ok, &[])?;
+    let zeros = vec![0u8; protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize];
+    let mut target = Some(target);
+    let mut vmm = None;
+    loop {
+        match protocol::read_frame(input)? {
+            Frame::Pages(p) => {
+                let Some(t) = &target else {
+                    return Err(
+                        protocol::ProtocolError::Violation("pages after the state".into()).into(),
+                    );
+                };
+                let len = usize::try_from(p.len()).unwrap_or(usize::MAX);
+                let data = if p.data.is_empty() {
+                    &zeros[..len]
+                } else {
+                    &p.data[..]
+                };
+                // Bounds: the whole run must be guest RAM (no hole, no overflow).
+                t.memory()
+                    .write_slice(data, GuestAddress(p.guest_addr))
+                    .map_err(|e| {
+                        protocol::ProtocolError::Violation(format!(
+                            "{} pages at {:#x} are not guest memory: {e}",
+                            p.count, p.guest_addr
+                        ))
+                    })?;
+                update(status, |s| s.pages += u64::from(p.count));
+            }
+            Frame::State(bytes) => {
+                let Some(t) = target.take() else {
+                    return Err(protocol::ProtocolError::Violation("a second state".into()).into());
+                };
+                let state = crate::snapshot::decode_state(&bytes)
+                    .map_err(|e| MigrationError::Refused(error_chain(&e)))?;
+                if state.mem_size_mib != config.mem_size_mib
+                    || state.vcpu_count != config.vcpu_count
+                {
+                    return Err(MigrationError::Refused(format!(
+                        "the state is for {} vCPUs and {} MiB, the configuration for {} and {}",
+                        state.vcpu_count,
+                        state.mem_size_mib,
+                        config.vcpu_count,
+                        config.mem_size_mib
+                    )));
+                }
+                let mut restored = Vmm::restore_into(t, &state, &config, start)
+                    .map_err(|e| MigrationError::Refused(error_chain(&e)))?;
+                restored.set_seccomp_level(settings.seccomp_level);
+                vmm = Some(restored);
+                protocol::write_frame(out, Kind::Ok, &[])?;
+            }
+            Frame::Complete => {
+                let Some(vmm) = vmm.take() else {
+                    return Err(protocol::ProtocolError::Violation(
+                        "Complete before the state".into(),
+                    )
+                    .into());
+                };
+                // The guest runs here only if the source heard that it may stop for good.
+                protocol::write_frame(out, Kind::Ok, &[])?;
+                return Ok(Incoming { vmm, resources });
+            }
+            Frame::Error(why) => return Err(protocol::ProtocolError::Refused(why).into()),
+            other => return Err(protocol::unexpected("Pages, State or Complete", &other).into()),
+        }
+    }
+}
+
+/// Feeds `bytes` to a destination as if from a source (the fuzz target's entry point): it
+/// must end in an error or a VM, never a panic or a write outside guest memory.
+pub fn receive_bytes(
+    bytes: &[u8],
+    settings: &ReceiveSettings,
+    status: &SharedStatus,
+) -> Result<(), MigrationError> {
+    let mut out = Vec::new();
+    serve(&mut &bytes[..], &mut out, settings, status, Instant::now()).map(|_| ())
+}
