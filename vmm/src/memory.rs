@@ -29,30 +29,7 @@ pub fn create_guest_memory(mem_size_mib: u64) -> Result<GuestMemoryMmap, MemoryE
     // The configuration caps the size far below u64 overflow (`MAX_MEM_SIZE_MIB`).
     let size = mem_size_mib.saturating_mul(1 << 20);
     let regions = arch::memory::guest_memory_regions(size).map_err(MemoryError::Layout)?;
-    let mem = GuestMemoryMmap::from_ranges(&regions).map_err(MemoryError::Allocate)?;
-    for region in mem.iter() {
-        advise_huge_pages(region.as_ptr(), region.len());
-    }
-    Ok(mem)
-}
-
-/// Asks for transparent huge pages on anonymous guest RAM, as QEMU and Cloud Hypervisor do:
-/// a 2 MiB fault replaces 512 small ones (loading a 9 MiB kernel text segment takes 1.7 ms
-/// instead of 12.5 ms on this host) and KVM can map the guest with large pages. Where THP is
-/// off ("never") this changes nothing, so a refusal is only logged.
-fn advise_huge_pages(hva: *mut u8, len: u64) {
-    let Ok(len) = usize::try_from(len) else {
-        return;
-    };
-    // SAFETY: `hva..hva + len` is one anonymous mapping owned by the `GuestMemoryMmap` being
-    // built; MADV_HUGEPAGE only sets a flag on the VMA and never changes its contents.
-    let rc = unsafe { libc::madvise(hva.cast(), len, libc::MADV_HUGEPAGE) };
-    if rc != 0 {
-        tracing::debug!(
-            "MADV_HUGEPAGE on guest memory refused: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    GuestMemoryMmap::from_ranges(&regions).map_err(MemoryError::Allocate)
 }
 
 /// Registers every region of `mem` with the VM as a KVM memory slot (slot N is region N);
