@@ -253,7 +253,7 @@ pub fn migrate(args: MigrateArgs) -> ExitCode {
     }
     let mut body = serde_json::json!({ "destination_url": args.to });
     for (key, value) in [
-        ("downtime_ms", args.downtime_ms.map(u64::from)),
+        ("downtime_ms", args.downtime_ms),
         ("max_rounds", args.max_rounds.map(u64::from)),
         ("bandwidth_mib_s", args.bandwidth_mib_s),
     ] {

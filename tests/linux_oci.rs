@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::{
     anvil_vmm, linux_capable, linux_guest_dir, repo_root, run_with_deadline, Run, TempDir,
 };
@@ -36,6 +37,8 @@ echo "pwd=$(pwd)"
 if [ -e /etc/removed ]; then echo "whiteout=not-applied"; else echo "whiteout=applied"; fi
 echo "opaque=$(ls /data/old | tr '\n' ' ')"
 echo "user=$(id -u)"
+echo "group=$(id -g)"
+echo "hostname=$(hostname)"
 echo "lo-flags=$(cat /sys/class/net/lo/flags)"
 echo "on-stderr" >&2
 exit "${1:-0}"
@@ -73,9 +76,9 @@ fn tar_layer(entries: &[(&str, Option<&[u8]>, u32)], symlinks: &[(&str, &str)]) 
     b.into_inner().unwrap()
 }
 
-/// The test image: busybox with its applets, then a layer that whites out /etc/removed,
-/// makes /data/old opaque and adds the entrypoint script.
-fn test_image() -> ImageBuilder {
+/// The test image's layers: busybox with its applets, then a layer that whites out
+/// /etc/removed, makes /data/old opaque and adds the entrypoint script.
+fn test_layers() -> Vec<Vec<u8>> {
     let busybox = std::fs::read("/bin/busybox")
         .expect("/bin/busybox (Debian's busybox-static; scripts/test.sh installs it)");
     let list = Command::new("/bin/busybox")
@@ -122,7 +125,12 @@ fn test_image() -> ImageBuilder {
         ],
         &[],
     );
-    ImageBuilder::new(RunConfig {
+    vec![base, top]
+}
+
+/// The test image's configuration: env, entrypoint, cmd and working directory.
+fn test_run_config() -> RunConfig {
+    RunConfig {
         env: Some(vec![
             "PATH=/usr/sbin:/usr/bin:/sbin:/bin".into(),
             "GREETING=hello-from-the-image".into(),
@@ -131,11 +139,16 @@ fn test_image() -> ImageBuilder {
         cmd: Some(vec!["0".into()]),
         working_dir: Some("/work".into()),
         ..Default::default()
-    })
-    .layer(base)
-    .unwrap()
-    .layer(top)
-    .unwrap()
+    }
+}
+
+/// The test image.
+fn test_image() -> ImageBuilder {
+    test_layers()
+        .into_iter()
+        .fold(ImageBuilder::new(test_run_config()), |image, layer| {
+            image.layer(layer).unwrap()
+        })
 }
 
 /// A local directory that can hold Unix sockets and flock'd files: the temporary directory,
@@ -287,6 +300,32 @@ fn sources(dir: &LocalDir) -> Sources {
 }
 
 fn anvil(dir: &LocalDir, args: &[&str]) -> Run {
+    anvil_with_stdin(dir, args, None)
+}
+
+/// `cmd`, with its stdin read from `stdin` when given (run_with_deadline closes stdin).
+fn with_stdin(cmd: Command, stdin: Option<&Path>) -> Command {
+    let Some(input) = stdin else {
+        return cmd;
+    };
+    let mut shell = Command::new("sh");
+    shell
+        .arg("-c")
+        .arg(r#"input=$1; shift; exec "$@" < "$input""#)
+        .arg("sh")
+        .arg(input)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => shell.env(key, value),
+            None => shell.env_remove(key),
+        };
+    }
+    shell
+}
+
+fn anvil_with_stdin(dir: &LocalDir, args: &[&str], stdin: Option<&Path>) -> Run {
     // --data-dir right after the subcommand: after `--` it would be the workload's.
     let mut cmd = Command::new(anvil_vmm());
     cmd.arg(args[0])
@@ -295,7 +334,7 @@ fn anvil(dir: &LocalDir, args: &[&str]) -> Run {
         .args(&args[1..])
         .env("TMPDIR", &dir.dir.0)
         .env("ANVIL_LOG", "warn");
-    run_with_deadline(cmd, RUN_TIMEOUT)
+    run_with_deadline(with_stdin(cmd, stdin), RUN_TIMEOUT)
 }
 
 fn debugfs(disk: &str, request: &str) -> String {
@@ -389,8 +428,236 @@ fn agent_initramfs() -> PathBuf {
     .clone()
 }
 
+/// The agent binary shipped in the initramfs (its `/init`), copied out with cpio.
+fn agent_binary(dir: &LocalDir) -> PathBuf {
+    let out = dir.path("anvil-agent");
+    let extract = Command::new("sh")
+        .arg("-c")
+        .arg(r#"gzip -dc "$1" | cpio -i --quiet --to-stdout init > "$2" && chmod 755 "$2""#)
+        .arg("sh")
+        .arg(agent_initramfs())
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(
+        extract.success(),
+        "cannot extract /init from the agent initramfs"
+    );
+    out
+}
+
+/// One `anvil-agent --local` run: PID 1 of a new PID and mount namespace (util-linux unshare)
+/// over the unpacked root `lower`, with the spec the way `anvil-vmm run` writes it.
+fn run_agent(
+    dir: &LocalDir,
+    agent: &Path,
+    lower: &Path,
+    spec: &serde_json::Value,
+    stdin: Option<&Path>,
+) -> Run {
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let spec_path = dir.path(&format!("spec-{n}.json"));
+    std::fs::write(&spec_path, serde_json::to_vec(spec).unwrap()).unwrap();
+    let scratch = dir.path(&format!("scratch-{n}"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--mount", "--fork"])
+        .arg(agent)
+        .arg("--local")
+        .args([&spec_path, lower, &scratch]);
+    run_with_deadline(with_stdin(cmd, stdin), Duration::from_secs(60))
+}
+
+/// A spec as `anvil-vmm run` makes it from `config` (ports unused in local mode).
+fn agent_spec(
+    config: &RunConfig,
+    args: &[&str],
+    user: Option<&str>,
+    workdir: Option<&str>,
+) -> serde_json::Value {
+    let mut argv = config.entrypoint.clone().unwrap_or_default();
+    if args.is_empty() {
+        argv.extend(config.cmd.clone().unwrap_or_default());
+    } else {
+        argv.extend(args.iter().map(|a| a.to_string()));
+    }
+    let mut env = config.env.clone().unwrap_or_default();
+    env.push("HOME=/root".into());
+    serde_json::json!({
+        "argv": argv,
+        "env": env,
+        "workdir": workdir.map(str::to_string).or(config.working_dir.clone()).unwrap(),
+        "user": user.map(str::to_string).or(config.user.clone()).unwrap_or_default(),
+        "hostname": "agent-test",
+        "stdout_port": 0,
+        "stderr_port": 0,
+        "status_port": 0,
+    })
+}
+
+/// The guest agent run on this host as PID 1 of new PID and mount namespaces (no VM): over the
+/// test image unpacked by the `oci` unpacker, it runs the entrypoint with the image's env,
+/// working directory and user (`User` from the image configuration, names resolved in the
+/// image's /etc/passwd and /etc/group), brings `lo` up, sets the hostname, keeps the workload's
+/// stdout and stderr apart, passes its exit code (0, non-zero, 128 + signal, 127 for a missing
+/// program) through, and leaves the unpacked root untouched (writes go to the overlay).
+#[test]
+fn agent_runs_the_workload_as_pid_1_over_the_unpacked_root() {
+    let test = "agent_runs_the_workload_as_pid_1_over_the_unpacked_root";
+    let probe = Command::new("unshare")
+        .args(["--pid", "--mount", "--fork", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED {test}: `unshare --pid --mount --fork` is not permitted here (needs root or CAP_SYS_ADMIN): {other:?}"
+            );
+            return;
+        }
+    }
+    let dir = LocalDir::new("oci-agent");
+    let agent = agent_binary(&dir);
+    let lower = dir.path("rootfs");
+    let mut unpacker = oci::unpack::Unpacker::new(&lower, Default::default()).unwrap();
+    for layer in test_layers() {
+        unpacker.apply_layer(&layer[..], None).unwrap();
+    }
+    let config = RunConfig {
+        user: Some("nobody".into()),
+        ..test_run_config()
+    };
+
+    let image_user = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &[], None, None),
+        None,
+    );
+    let lines: Vec<&str> = image_user.stdout.lines().collect();
+    for expected in [
+        "greeting=hello-from-the-image",
+        "pwd=/work",
+        "whiteout=applied",
+        "opaque=upper-file ",
+        "user=65534",
+        "group=65534",
+        "hostname=agent-test",
+        "lo-flags=0x9",
+    ] {
+        assert!(
+            lines.contains(&expected),
+            "missing {expected:?}: {image_user}"
+        );
+    }
+    assert!(
+        !image_user.stdout.contains("on-stderr"),
+        "stderr leaked into stdout: {image_user}"
+    );
+    assert_eq!(image_user.stderr.trim(), "on-stderr", "{image_user}");
+    assert_eq!(image_user.status.code(), Some(0), "{image_user}");
+
+    // Numeric uid with a named group, a working directory the image lacks, a non-zero exit.
+    let flags = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &["7"], Some("1234:nogroup"), Some("/new/dir")),
+        None,
+    );
+    for expected in ["user=1234", "group=65534", "pwd=/new/dir"] {
+        assert!(
+            flags.stdout.lines().any(|l| l == expected),
+            "missing {expected:?}: {flags}"
+        );
+    }
+    assert_eq!(flags.status.code(), Some(7), "{flags}");
+    assert!(
+        !lower.join("new").exists(),
+        "the run wrote into the unpacked root"
+    );
+
+    let shell = RunConfig {
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        ..config.clone()
+    };
+    let killed = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&shell, &["kill -KILL $$"], None, None),
+        None,
+    );
+    assert_eq!(killed.status.code(), Some(128 + 9), "{killed}");
+
+    let missing = RunConfig {
+        entrypoint: Some(vec!["/no/such/program".into()]),
+        ..config.clone()
+    };
+    let missing = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&missing, &[], None, None),
+        None,
+    );
+    assert_eq!(missing.status.code(), Some(127), "{missing}");
+    assert!(missing.stderr.contains("cannot run"), "{missing}");
+
+    // stdin: the agent's own when the spec has a stdin port (`run -i`), else /dev/null.
+    let reader = RunConfig {
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        cmd: Some(vec![
+            r#"if read line; then echo "got=$line"; cat; else echo no-input; fi"#.into(),
+        ]),
+        ..config.clone()
+    };
+    let input = dir.path("stdin.txt");
+    std::fs::write(&input, "first line\nthe rest\n").unwrap();
+    let mut with_port = agent_spec(&reader, &[], None, None);
+    with_port["stdin_port"] = 1003.into();
+    let interactive = run_agent(&dir, &agent, &lower, &with_port, Some(&input));
+    assert_eq!(
+        interactive.stdout, "got=first line\nthe rest\n",
+        "{interactive}"
+    );
+    let closed = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&reader, &[], None, None),
+        Some(&input),
+    );
+    assert_eq!(closed.stdout, "no-input\n", "{closed}");
+
+    let unknown = run_agent(
+        &dir,
+        &agent,
+        &lower,
+        &agent_spec(&config, &[], Some("nosuchuser"), None),
+        None,
+    );
+    assert_eq!(unknown.status.code(), Some(126), "{unknown}");
+    assert!(
+        unknown.stderr.contains("no user \"nosuchuser\""),
+        "{unknown}"
+    );
+}
+
 /// `anvil-vmm run [flags] IMAGE [-- workload args]`.
 fn run_image(dir: &LocalDir, image: &str, flags: &[&str], workload: &[&str]) -> Run {
+    run_image_with_stdin(dir, image, flags, workload, None)
+}
+
+fn run_image_with_stdin(
+    dir: &LocalDir,
+    image: &str,
+    flags: &[&str],
+    workload: &[&str],
+    stdin: Option<&Path>,
+) -> Run {
     let kernel = linux_guest_dir().join("vmlinux");
     let agent = agent_initramfs();
     let mut args = vec![
@@ -407,7 +674,7 @@ fn run_image(dir: &LocalDir, image: &str, flags: &[&str], workload: &[&str]) -> 
         args.push("--");
         args.extend_from_slice(workload);
     }
-    anvil(dir, &args)
+    anvil_with_stdin(dir, &args, stdin)
 }
 
 fn assert_report(run: &Run, code: i32) {
@@ -477,6 +744,21 @@ fn run_boots_the_image_from_registry_layout_archive_and_cache() {
         let run = run_image(&dir, source, &[], &[]);
         assert_report(&run, 0);
     }
+    // -i: the workload reads anvil-vmm's stdin to its end.
+    let input = dir.path("stdin.txt");
+    std::fs::write(&input, "line one\nline two\n").unwrap();
+    let interactive = run_image_with_stdin(
+        &dir,
+        &src.layout,
+        &["-i", "--entrypoint", "/bin/sh"],
+        &["-c", "while read l; do echo \"stdin=$l\"; done; echo eof"],
+        Some(&input),
+    );
+    assert_eq!(
+        interactive.stdout, "stdin=line one\nstdin=line two\neof\n",
+        "{interactive:?}"
+    );
+    assert_eq!(interactive.status.code(), Some(0), "{interactive:?}");
     // A command that does not exist: 127, and the agent says why on stderr.
     let missing = run_image(
         &dir,
@@ -488,15 +770,61 @@ fn run_boots_the_image_from_registry_layout_archive_and_cache() {
     assert!(missing.stderr.contains("cannot run"), "{missing:?}");
 }
 
-/// Ctrl-C stops the workload and the VM: SIGINT to `anvil-vmm run` while the workload sleeps
-/// ends it with 130 and removes the run's files (--rm).
+/// `--net` with `--ip` and `--gateway`: the agent configures eth0 before the workload starts,
+/// which then reaches the host end of the tap (in a network namespace of the test's) with ping
+/// and sees its address and default route.
 #[test]
-fn run_stops_on_ctrl_c() {
-    if !linux_capable("run_stops_on_ctrl_c") {
+fn run_configures_eth0_from_ip_and_gateway() {
+    if !linux_capable("run_configures_eth0_from_ip_and_gateway") {
         return;
     }
-    let dir = LocalDir::new("oci-sigint");
+    let dir = LocalDir::new("oci-net");
     test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+    let ns = NetNs::new(); // tap at 10.0.0.1/24
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .arg(anvil_vmm())
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir.path("data"))
+        .args(["--rm", "--kernel"])
+        .arg(linux_guest_dir().join("vmlinux"))
+        .arg("--agent")
+        .arg(agent_initramfs())
+        .args(["--net", &format!("tap={}", ns.tap)])
+        .args(["--ip", "10.0.0.2/24", "--gateway", "10.0.0.1"])
+        .args(["--entrypoint", "/bin/sh"])
+        .arg(format!("oci:{}:{TAG}", dir.path("layout").display()))
+        .args([
+            "--",
+            "-c",
+            "ip addr show eth0; ip route; ping -c 1 -W 20 10.0.0.1",
+        ])
+        .env("TMPDIR", &dir.dir.0)
+        .env("ANVIL_LOG", "warn");
+    let run = run_with_deadline(cmd, RUN_TIMEOUT);
+    assert!(run.stdout.contains("inet 10.0.0.2/24"), "{run:?}");
+    assert!(run.stdout.contains("default via 10.0.0.1"), "{run:?}");
+    assert!(run.stdout.contains("1 packets received"), "{run:?}");
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+
+    // --ip needs --net; a bad address is a usage error.
+    let no_net = anvil(&dir, &["run", "--ip", "10.0.0.2/24", "oci:/nowhere"]);
+    assert_eq!(no_net.status.code(), Some(2), "{no_net:?}");
+    let bad = anvil(
+        &dir,
+        &["run", "--net", "tap=x", "--ip", "10.0.0.2", "oci:/nowhere"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(bad.stderr.contains("invalid --ip"), "{bad:?}");
+}
+
+/// `anvil-vmm run --rm` of `script` in the test image, with stdout read line by line; returns
+/// once the workload printed `started`.
+fn start_script(
+    dir: &LocalDir,
+    script: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let kernel = linux_guest_dir().join("vmlinux");
     let mut child = Command::new(anvil_vmm())
         .arg("run")
@@ -507,7 +835,7 @@ fn run_stops_on_ctrl_c() {
         .arg("--agent")
         .arg(agent_initramfs())
         .arg(format!("oci:{}:{TAG}", dir.path("layout").display()))
-        .args(["--", "-c", "echo started; sleep 600"])
+        .args(["--", "-c", script])
         .env("TMPDIR", &dir.dir.0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -533,21 +861,30 @@ fn run_stops_on_ctrl_c() {
             }
         }
     }
+    (child, rx)
+}
+
+fn sigint(child: &std::process::Child) {
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0);
-    let stop_deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
+}
+
+fn wait_within(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
-        if Instant::now() > stop_deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
             panic!("anvil-vmm run did not stop on SIGINT");
         }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(130));
+    }
+}
+
+fn assert_no_leftovers(dir: &LocalDir) {
     let runs = std::fs::read_dir(dir.path("data/runs")).unwrap().count();
     assert_eq!(runs, 0, "the run's directory was not removed");
     let leftovers: Vec<_> = std::fs::read_dir(&dir.dir.0)
@@ -556,4 +893,50 @@ fn run_stops_on_ctrl_c() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("anvil-run-"))
         .collect();
     assert!(leftovers.is_empty(), "socket directory left behind");
+}
+
+/// Ctrl-C goes to the workload, as with `docker run`: a workload that traps SIGINT runs its
+/// handler and its exit code comes back; one killed by it gives 130; one that ignores it is
+/// stopped, with the VM, by a second Ctrl-C (130). Each time the run's files (--rm) are gone.
+#[test]
+fn run_forwards_ctrl_c_to_the_workload() {
+    if !linux_capable("run_forwards_ctrl_c_to_the_workload") {
+        return;
+    }
+    let dir = LocalDir::new("oci-sigint");
+    test_image().write_layout(&dir.path("layout"), TAG).unwrap();
+
+    let (mut child, lines) = start_script(
+        &dir,
+        r#"trap 'echo got-int; exit 5' INT; echo started; while :; do sleep 1; done"#,
+    );
+    sigint(&child);
+    let status = wait_within(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(5));
+    let rest: Vec<String> = lines.iter().collect();
+    assert!(rest.iter().any(|l| l == "got-int"), "{rest:?}");
+    assert_no_leftovers(&dir);
+
+    let (mut child, _lines) = start_script(&dir, "echo started; sleep 600");
+    sigint(&child);
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(60)).code(),
+        Some(130)
+    );
+    assert_no_leftovers(&dir);
+
+    let (mut child, _lines) =
+        start_script(&dir, "trap '' INT; echo started; while :; do sleep 1; done");
+    sigint(&child);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "one Ctrl-C stopped a workload that ignores it"
+    );
+    sigint(&child);
+    assert_eq!(
+        wait_within(&mut child, Duration::from_secs(30)).code(),
+        Some(130)
+    );
+    assert_no_leftovers(&dir);
 }

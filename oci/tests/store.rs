@@ -25,12 +25,16 @@ impl Drop for TempDir {
     }
 }
 
+/// The modification time of every layer entry (0x000f4240 seconds since the epoch).
+const LAYER_MTIME: u64 = 1_000_000;
+
 fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(0o755);
+        h.set_mtime(LAYER_MTIME);
         h.set_cksum();
         b.append_data(&mut h, name, *data).unwrap();
     }
@@ -75,6 +79,16 @@ fn layout_and_archive_give_the_same_cached_disk() {
     let etc = debugfs_ls(&a.disk, "/etc");
     assert!(!etc.contains("old"), "whiteout not applied: {etc}");
     assert!(debugfs_ls(&a.disk, "/w").contains("file"));
+    let stat = std::process::Command::new("debugfs")
+        .args(["-R", "stat /bin/true"])
+        .arg(&a.disk)
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        stat.contains(&format!("mtime: {LAYER_MTIME:#010x}:")),
+        "the layer's mtime was not kept: {stat}"
+    );
 
     let archive_ref =
         ImageRef::parse(&format!("docker-archive:{}", t.0.join("img.tar").display())).unwrap();
@@ -211,4 +225,41 @@ fn hostile_layer_is_refused_with_a_clear_error() {
     let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
     assert!(text.contains("hostile layer"), "{text}");
     assert!(!t.0.join("escape").exists() && !t.0.join("data/escape").exists());
+}
+
+/// Runs' writable layers are sparse copies of one empty file system made per size: each copy
+/// is a clean ext4 file system (e2fsck), and the template is made once.
+#[test]
+fn scratch_disks_are_clean_sparse_copies_of_one_template() {
+    use std::os::unix::fs::MetadataExt;
+    let t = TempDir::new("scratch");
+    let store = Store::open(&t.0.join("data")).unwrap();
+    let template = t.0.join("data/disks/empty-256M.ext4");
+    for name in ["a.ext4", "b.ext4"] {
+        let disk = t.0.join(name);
+        store.scratch_disk(&disk, 256).unwrap();
+        let meta = fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 256 << 20);
+        assert!(
+            meta.blocks() * 512 <= fs::metadata(&template).unwrap().blocks() * 512,
+            "the copy is not sparse"
+        );
+        let fsck = std::process::Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert!(debugfs_ls(&disk, "/").contains("lost+found"));
+    }
+    let modified = fs::metadata(&template).unwrap().modified().unwrap();
+    store.scratch_disk(&t.0.join("c.ext4"), 256).unwrap();
+    assert_eq!(
+        fs::metadata(&template).unwrap().modified().unwrap(),
+        modified
+    );
 }

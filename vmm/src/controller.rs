@@ -308,16 +308,16 @@ fn empty(r: Result<(), crate::resources::ResourceError>) -> ActionResult {
 
 /// An incoming live migration: the thread receiving it reports here.
 struct IncomingMigration {
-    done: std::sync::mpsc::Receiver<Result<Incoming, String>>,
+    done: std::sync::mpsc::Receiver<Result<Box<Incoming>, String>>,
     evt: EventFd,
 }
 
 /// What the pre-boot loop waits for.
 enum PreBootEvent {
     /// An API request.
-    Api(ApiRequest),
+    Api(Box<ApiRequest>),
     /// The incoming migration ended.
-    Incoming(Result<Incoming, String>),
+    Incoming(Result<Box<Incoming>, String>),
     /// The API server is gone.
     Closed,
 }
@@ -330,7 +330,7 @@ fn next_event(api: &ApiReceiver, incoming: Option<&IncomingMigration>) -> PreBoo
         return api
             .rx
             .recv()
-            .map_or(PreBootEvent::Closed, PreBootEvent::Api);
+            .map_or(PreBootEvent::Closed, |r| PreBootEvent::Api(Box::new(r)));
     };
     loop {
         match incoming.done.try_recv() {
@@ -341,7 +341,7 @@ fn next_event(api: &ApiReceiver, incoming: Option<&IncomingMigration>) -> PreBoo
             Err(TryRecvError::Empty) => {}
         }
         match api.rx.try_recv() {
-            Ok(request) => return PreBootEvent::Api(request),
+            Ok(request) => return PreBootEvent::Api(Box::new(request)),
             Err(TryRecvError::Disconnected) => return PreBootEvent::Closed,
             Err(TryRecvError::Empty) => {}
         }
@@ -426,7 +426,7 @@ fn start_receiving(
                 Ok(_) => tracing::info!("migration received: the guest runs here"),
                 Err(e) => tracing::warn!("migration refused: {}", error_chain(e)),
             }
-            let _ = tx.send(result.map_err(|e| error_chain(&e)));
+            let _ = tx.send(result.map(Box::new).map_err(|e| error_chain(&e)));
             let _ = thread_evt.write(1);
         })
         .map_err(|e| ActionError::Failed(format!("cannot start the receiving thread: {e}")))?;
@@ -473,6 +473,7 @@ pub fn run(
                     return Err(VmmError::Api("the API server stopped".into()));
                 }
                 PreBootEvent::Incoming(Ok(received)) => {
+                    let received = *received;
                     resources = received.resources;
                     break (received.vmm, None);
                 }
@@ -481,7 +482,7 @@ pub fn run(
                     incoming = None;
                     continue;
                 }
-                PreBootEvent::Api(request) => request,
+                PreBootEvent::Api(request) => *request,
             };
             match &request.action {
                 VmmAction::GetMigration => {

@@ -152,6 +152,8 @@ pub struct ApiContext {
 
 /// The VM-wide KVM objects the event loop needs for snapshots.
 struct Machine<'a> {
+    /// Guest memory is filled by a userfaultfd handler: a page not yet present is not zero.
+    lazy_memory: bool,
     vm: &'a std::sync::Arc<VmFd>,
     mem: &'a GuestMemoryMmap,
 }
@@ -999,6 +1001,7 @@ impl Vmm {
         }
         event_loop.paused = start_paused;
         let machine = Machine {
+            lazy_memory: self._uffd.is_some(),
             vm: &self._vm,
             mem: &self._guest_memory,
         };
@@ -1595,6 +1598,7 @@ impl EventLoop {
             memory: machine.mem.clone(),
             config_json,
             logging: api.resources.machine.track_dirty_pages,
+            untouched_is_zero: !machine.lazy_memory,
             status: api.migration.clone(),
             link: crate::migration::send::SourceLink {
                 tx,

@@ -10,7 +10,7 @@
 //! followed. Sizes and entry counts are capped, and every read of the decompressed stream counts
 //! against the layer's cap (tar extension headers included).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read};
@@ -178,6 +178,9 @@ pub struct Unpacker {
     entries_left: u64,
     /// Set owners and make device nodes (only root may).
     privileged: bool,
+    /// Modification times of the directories the layers list, by path inside the root: set by
+    /// [`Unpacker::finish`], since every entry added to a directory changes its time.
+    dir_mtimes: HashMap<Vec<OsString>, i64>,
 }
 
 /// The checked, relative components of an entry path.
@@ -210,6 +213,7 @@ impl Unpacker {
             bytes_left: limits.max_bytes,
             entries_left: limits.max_entries,
             privileged,
+            dir_mtimes: HashMap::new(),
         })
     }
 
@@ -387,8 +391,20 @@ impl Unpacker {
                 return Ok(());
             }
         }
-        created.insert(full(&comps, &name));
-        self.set_owner_and_mode(&header, &target, kind.is_symlink(), mode)
+        let key = full(&comps, &name);
+        self.set_owner_and_mode(&header, &target, kind.is_symlink(), mode)?;
+        let mtime = header
+            .mtime()
+            .ok()
+            .and_then(|t| i64::try_from(t).ok())
+            .unwrap_or(0);
+        if kind.is_dir() {
+            self.dir_mtimes.insert(key.clone(), mtime);
+        } else {
+            set_mtime(&target, mtime)?;
+        }
+        created.insert(key);
+        Ok(())
     }
 
     /// Makes a device node or FIFO; false when skipped (device nodes need root).
@@ -517,6 +533,26 @@ impl Unpacker {
         Ok(out)
     }
 
+    /// Ends the unpacking: gives the directories the layers listed their modification times
+    /// (files, symlinks and nodes got theirs as they were made). Directories removed or replaced
+    /// by a later layer are skipped; paths are resolved inside the root again, as a later layer
+    /// may have turned a parent into a symlink.
+    pub fn finish(self) -> Result<()> {
+        for (comps, mtime) in &self.dir_mtimes {
+            let Some((name, parent)) = comps.split_last() else {
+                continue;
+            };
+            let Ok(parent) = self.resolve(parent, false, Path::new("")) else {
+                continue;
+            };
+            let dir = parent.join(name);
+            if fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+                set_mtime(&dir, *mtime)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes what lower layers left in the directory `comps`, keeping this layer's entries.
     fn make_opaque(&self, comps: &[OsString], created: &HashSet<Vec<OsString>>) -> Result<()> {
         let dir = self.resolve(comps, true, Path::new(OPAQUE))?;
@@ -536,6 +572,34 @@ fn full(comps: &[OsString], name: &OsString) -> Vec<OsString> {
     let mut key = comps.to_vec();
     key.push(name.clone());
     key
+}
+
+/// Sets the access and modification times of `path` (not of a symlink's target) to `mtime`
+/// seconds since the epoch.
+fn set_mtime(path: &Path, mtime: i64) -> Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| UnpackError::Hostile {
+        path: path.display().to_string(),
+        why: "has a NUL byte",
+    })?;
+    let time = libc::timespec {
+        tv_sec: mtime,
+        tv_nsec: 0,
+    };
+    let times = [time, time];
+    // SAFETY: `c_path` is a valid NUL-terminated string and `times` two timespecs, both
+    // outliving the call; AT_SYMLINK_NOFOLLOW keeps a final symlink from being followed.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err(path)(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Removes a file, symlink or whole directory (never following symlinks); missing is fine.

@@ -92,7 +92,7 @@ fn apply(root: &Path, layers: &[Vec<u8>]) -> Result<()> {
     for layer in layers {
         u.apply_layer(&layer[..], None)?;
     }
-    Ok(())
+    u.finish()
 }
 
 fn is_hostile(r: Result<()>) -> bool {
@@ -307,4 +307,64 @@ fn gzip_and_zstd_layers_unpack_and_diff_id_is_checked() {
         matches!(r, Err(UnpackError::DiffIdMismatch { .. })),
         "{r:?}"
     );
+}
+
+/// A layer whose entries carry modification times: (name, kind, mtime); files are empty,
+/// symlinks point at "f".
+fn timed_tar(entries: &[(&str, tar::EntryType, u64)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, mtime) in entries {
+        let mut h = header(name, *kind, 0, if kind.is_dir() { 0o755 } else { 0o644 });
+        if kind.is_symlink() {
+            set_link(&mut h, "f");
+        }
+        h.set_mtime(*mtime);
+        h.set_cksum();
+        b.append(&h, &[][..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn modification_times_are_kept_for_files_symlinks_and_directories() {
+    use std::os::unix::fs::MetadataExt;
+    use tar::EntryType::{Directory, Regular, Symlink};
+    let s = Scratch::new("mtime");
+    let lower = timed_tar(&[
+        ("d/", Directory, 1_000_000),
+        ("d/f", Regular, 2_000_000),
+        ("d/l", Symlink, 3_000_000),
+        ("gone/", Directory, 5_000_000),
+    ]);
+    // Adding to d and removing gone change d's and the root's times on the host; the layers'
+    // times must still win.
+    let upper = timed_tar(&[("d/g", Regular, 4_000_000), (".wh.gone", Regular, 0)]);
+    apply(&s.root(), &[lower, upper]).unwrap();
+    let mtime = |p: &str| fs::symlink_metadata(s.root().join(p)).unwrap().mtime();
+    assert_eq!(mtime("d"), 1_000_000);
+    assert_eq!(mtime("d/f"), 2_000_000);
+    assert_eq!(mtime("d/l"), 3_000_000);
+    assert_eq!(mtime("d/g"), 4_000_000);
+    assert!(!s.root().join("gone").exists());
+}
+
+#[test]
+fn directory_times_are_set_inside_the_root_after_a_parent_became_a_symlink() {
+    use std::os::unix::fs::MetadataExt;
+    use tar::EntryType::{Directory, Symlink};
+    let s = Scratch::new("mtime-escape");
+    let outside = s.0.join("outside");
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    let before = fs::metadata(outside.join("sub")).unwrap().mtime();
+    // Layer 1 lists a/sub with a time; layer 2 replaces a by a symlink to the host path of
+    // `outside`. The time must not be applied through it.
+    let lower = timed_tar(&[("a/", Directory, 7), ("a/sub/", Directory, 7)]);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = header("a", Symlink, 0, 0o777);
+    set_link(&mut h, outside.to_str().unwrap());
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    let upper = b.into_inner().unwrap();
+    apply(&s.root(), &[lower, upper]).unwrap();
+    assert_eq!(fs::metadata(outside.join("sub")).unwrap().mtime(), before);
 }

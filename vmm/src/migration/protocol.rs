@@ -11,8 +11,12 @@ pub const MAGIC: [u8; 8] = *b"ANVILMIG";
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Guest page size the protocol moves memory in.
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] as a `usize`.
+pub const PAGE_BYTES: usize = 4096;
 /// Most pages in one `Pages` frame.
 pub const MAX_PAGES_PER_FRAME: u32 = 256;
+/// Most data bytes in one `Pages` frame.
+pub const MAX_PAGES_BYTES: usize = 256 * PAGE_BYTES;
 /// Largest `Config` payload (a JSON VM configuration).
 pub const MAX_CONFIG: u32 = 1 << 20;
 /// Largest `State` payload (the snapshot state limit).
@@ -83,7 +87,7 @@ impl Kind {
         match self {
             Self::Hello => MAX_HELLO,
             Self::Config => MAX_CONFIG,
-            Self::Pages => PAGES_HEADER + MAX_PAGES_PER_FRAME * PAGE_SIZE as u32,
+            Self::Pages => PAGES_HEADER + MAX_PAGES_PER_FRAME * 4096,
             Self::State => MAX_STATE,
             Self::Complete | Self::Ok => 0,
             Self::Error => MAX_ERROR,
@@ -188,11 +192,7 @@ pub fn write_pages_header(
             "{count} pages in a frame"
         )));
     }
-    let data = if zero {
-        0
-    } else {
-        count as usize * PAGE_SIZE as usize
-    };
+    let data = if zero { 0 } else { count as usize * PAGE_BYTES };
     w.write_all(&header(Kind::Pages, PAGES_HEADER as usize + data)?)?;
     let mut p = [0u8; PAGES_HEADER as usize];
     p[..8].copy_from_slice(&guest_addr.to_le_bytes());
@@ -275,7 +275,7 @@ fn decode(kind: Kind, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
             let expect = if flags & PAGES_ZERO != 0 {
                 0
             } else {
-                count as usize * PAGE_SIZE as usize
+                count as usize * PAGE_BYTES
             };
             if data_len != expect {
                 return Err(violation(&format!(

@@ -8,9 +8,9 @@ use std::io::{BufReader, Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::protocol::{self, Frame, Kind, PAGE_SIZE};
+use super::protocol::{self, Frame, Kind};
 use super::{update, MigrationError, SharedStatus};
 use crate::controller::error_chain;
 use crate::resources::{FullVmConfiguration, NetworkOverride, VmResources};
@@ -198,7 +198,7 @@ fn serve(
     };
     let (resources, config, target) = accept_config(&json, settings)?;
     protocol::write_frame(out, Kind::Ok, &[])?;
-    let zeros = vec![0u8; protocol::MAX_PAGES_PER_FRAME as usize * PAGE_SIZE as usize];
+    let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
     let mut target = Some(target);
     let mut vmm = None;
     loop {
@@ -209,21 +209,7 @@ fn serve(
                         protocol::ProtocolError::Violation("pages after the state".into()).into(),
                     );
                 };
-                let len = usize::try_from(p.len()).unwrap_or(usize::MAX);
-                let data = if p.data.is_empty() {
-                    &zeros[..len]
-                } else {
-                    &p.data[..]
-                };
-                // Bounds: the whole run must be guest RAM (no hole, no overflow).
-                t.memory()
-                    .write_slice(data, GuestAddress(p.guest_addr))
-                    .map_err(|e| {
-                        protocol::ProtocolError::Violation(format!(
-                            "{} pages at {:#x} are not guest memory: {e}",
-                            p.count, p.guest_addr
-                        ))
-                    })?;
+                apply_pages(t.memory(), &p, &zeros)?;
                 update(status, |s| s.pages += u64::from(p.count));
             }
             Frame::State(bytes) => {
@@ -266,13 +252,128 @@ fn serve(
     }
 }
 
-/// Feeds `bytes` to a destination as if from a source (the fuzz target's entry point): it
-/// must end in an error or a VM, never a panic or a write outside guest memory.
-pub fn receive_bytes(
-    bytes: &[u8],
-    settings: &ReceiveSettings,
-    status: &SharedStatus,
+/// Writes a `Pages` frame into guest memory: the whole run must be guest RAM (no hole, no
+/// overflow past the end), else nothing outside guest memory is touched and the frame is
+/// refused. `zeros` holds at least a frame's worth of zero bytes.
+pub fn apply_pages(
+    memory: &devices::GuestMemoryMmap,
+    p: &protocol::Pages,
+    zeros: &[u8],
 ) -> Result<(), MigrationError> {
-    let mut out = Vec::new();
-    serve(&mut &bytes[..], &mut out, settings, status, Instant::now()).map(|_| ())
+    let len = usize::try_from(p.len()).unwrap_or(usize::MAX);
+    let data = if p.data.is_empty() {
+        zeros.get(..len).ok_or_else(|| {
+            protocol::ProtocolError::Violation(format!("{} zero pages in one frame", p.count))
+        })?
+    } else {
+        &p.data[..]
+    };
+    let end = p
+        .guest_addr
+        .checked_add(p.len())
+        .ok_or_else(|| protocol::ProtocolError::Violation("address overflow".into()))?;
+    let inside = memory
+        .to_region_addr(GuestAddress(p.guest_addr))
+        .is_some_and(|(region, _)| end <= region.start_addr().raw_value() + region.len());
+    if !inside {
+        return Err(protocol::ProtocolError::Violation(format!(
+            "{} pages at {:#x} are not guest memory",
+            p.count, p.guest_addr
+        ))
+        .into());
+    }
+    memory
+        .write_slice(data, GuestAddress(p.guest_addr))
+        .map_err(|e| {
+            protocol::ProtocolError::Violation(format!(
+                "{} pages at {:#x}: {e}",
+                p.count, p.guest_addr
+            ))
+            .into()
+        })
+}
+
+/// What the fuzz target drives: frames from `bytes` as a destination reads them after the
+/// configuration, pages written into `memory`, a state decoded and checked. Never panics;
+/// ends at the first error or at the end of the input.
+pub fn fuzz_frames(memory: &devices::GuestMemoryMmap, bytes: &[u8]) -> Result<(), MigrationError> {
+    let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
+    let mut input = bytes;
+    while !input.is_empty() {
+        match protocol::read_frame(&mut input)? {
+            Frame::Pages(p) => apply_pages(memory, &p, &zeros)?,
+            Frame::State(bytes) => {
+                crate::snapshot::decode_state(&bytes)
+                    .map_err(|e| MigrationError::Refused(error_chain(&e)))?;
+            }
+            Frame::Hello { version, .. } if version != protocol::PROTOCOL_VERSION => {
+                return Err(protocol::ProtocolError::Version { peer: version }.into())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Pages;
+
+    fn memory() -> devices::GuestMemoryMmap {
+        devices::GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x20000), 0x10000),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn pages_land_only_inside_one_region() {
+        let m = memory();
+        let zeros = vec![0u8; 1 << 20];
+        let page = |addr, count, fill: u8| Pages {
+            guest_addr: addr,
+            count,
+            data: vec![fill; count as usize * 4096],
+        };
+        apply_pages(&m, &page(0x1000, 2, 7), &zeros).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x2fff)).unwrap(), 7);
+        apply_pages(&m, &page(0x2f000, 1, 9), &zeros).unwrap();
+        // Straddling a region's end, in the hole, past the end, overflowing: refused, and
+        // nothing is written.
+        for (addr, count) in [
+            (0xf000u64, 2u32),
+            (0x11000, 1),
+            (0x30000, 1),
+            (u64::MAX - 0xfff, 1),
+        ] {
+            assert!(
+                apply_pages(&m, &page(addr, count, 1), &zeros).is_err(),
+                "{addr:#x}"
+            );
+        }
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0xf000)).unwrap(), 0);
+        // Zero pages clear.
+        let z = Pages {
+            guest_addr: 0x1000,
+            count: 1,
+            data: Vec::new(),
+        };
+        apply_pages(&m, &z, &zeros).unwrap();
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 7);
+    }
+
+    #[test]
+    fn hostile_frame_streams_end_in_errors() {
+        let m = memory();
+        let mut f = Vec::new();
+        protocol::write_pages_header(&mut f, 0xf000, 2, false).unwrap();
+        f.extend_from_slice(&[1u8; 8192]);
+        assert!(fuzz_frames(&m, &f).is_err());
+        let mut f = Vec::new();
+        protocol::write_frame(&mut f, Kind::State, &[0xff; 100]).unwrap();
+        assert!(fuzz_frames(&m, &f).is_err());
+    }
 }

@@ -63,6 +63,9 @@ pub struct SendJob {
     pub config_json: String,
     /// KVM already logs dirty pages (diff snapshots are on).
     pub logging: bool,
+    /// Anonymous guest memory the guest never touched is zero (not so when a userfaultfd
+    /// handler fills pages on first touch).
+    pub untouched_is_zero: bool,
     /// Progress for `GET /migration`.
     pub status: SharedStatus,
     /// The event loop.
@@ -171,7 +174,7 @@ impl PageWriter<'_> {
             .get_slice(MemoryRegionAddress(first * PAGE_SIZE), len)
             .map_err(|e| MigrationError::Source(format!("cannot read guest memory: {e}")))?;
         slice.copy_to(&mut self.buf[..len]);
-        let page = PAGE_SIZE as usize;
+        let page = protocol::PAGE_BYTES;
         let zero: Vec<bool> = self.buf[..len]
             .chunks_exact(page)
             .map(|p| p.iter().all(|&b| b == 0))
@@ -340,15 +343,29 @@ fn precopy_and_finish(
     let downtime =
         Duration::from_millis(job.params.downtime_ms.unwrap_or(super::DEFAULT_DOWNTIME_MS));
     let max_rounds = job.params.max_rounds.unwrap_or(super::DEFAULT_MAX_ROUNDS);
-    // Round 1: every page that is not zero.
+    // Round 1: every page that is not zero. Pages of anonymous memory the guest never
+    // touched are zero without reading them (which would map them).
     let round_start = Instant::now();
     let before = super::snapshot(&job.status).bytes;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")
+        .ok()
+        .filter(|_| job.untouched_is_zero);
     for region in job.memory.iter() {
         let pages = region.len() / PAGE_SIZE;
+        let anonymous = region.file_offset().is_none();
         let mut first = 0;
         while first < pages {
             let n = (pages - first).min(u64::from(MAX_PAGES_PER_FRAME));
-            tx.pages(region, first, n, true)?;
+            match pagemap.as_ref().filter(|_| anonymous) {
+                Some(map) => {
+                    for (start, count) in touched_runs(map, region, first, n) {
+                        tx.pages(region, start, count, true)?;
+                    }
+                }
+                None => {
+                    tx.pages(region, first, n, true)?;
+                }
+            }
             first += n;
         }
     }
@@ -410,6 +427,42 @@ fn precopy_and_finish(
         "migration: the destination runs the guest"
     );
     Ok(())
+}
+
+/// The runs of pages `first..first + count` of `region` that are present or swapped out
+/// (per /proc/self/pagemap); untouched anonymous pages are left out. When the map cannot be
+/// read, the whole range is one run.
+fn touched_runs(
+    pagemap: &std::fs::File,
+    region: &devices::GuestRegionMmap,
+    first: u64,
+    count: u64,
+) -> Vec<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let vaddr = region.as_ptr() as u64 + first * PAGE_SIZE;
+    let mut raw = vec![0u8; usize::try_from(count * 8).unwrap_or(0)];
+    if pagemap
+        .read_exact_at(&mut raw, vaddr / PAGE_SIZE * 8)
+        .is_err()
+    {
+        return vec![(first, count)];
+    }
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, entry) in raw.chunks_exact(8).enumerate() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(entry);
+        if u64::from_le_bytes(word) & (PRESENT | SWAPPED) == 0 {
+            continue;
+        }
+        let page = first + i as u64;
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == page => *n += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    runs
 }
 
 /// Bytes per second over a round (a round too short to measure counts as fast).

@@ -625,6 +625,8 @@ fn migration_source(rules: &mut Rules) {
         ],
     );
     rules.allow(&[
+        // /proc/self/pagemap: which pages the guest never touched.
+        libc::SYS_pread64,
         libc::SYS_connect,
         libc::SYS_setsockopt,
         libc::SYS_sendto,

@@ -3,17 +3,21 @@
 //! agent initramfs (resources/agent) over the image's root disk, and relays the workload's
 //! stdout, stderr and exit code from the agent's vsock streams.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use oci::{Image, ImageRef, RegistryOptions, Store};
 use serde::Serialize;
 use vmm::config::{parse_disks, parse_mem_size_mib, parse_nets, validate_vcpu_count, VsockConfig};
 use vmm::{VmConfig, VmOutcome, Vmm};
+
+use relay::{finish, relay, relay_stdin, Janitor, SocketDir};
+use signals::{accept_control, remove_on_signal, stop_on_signals};
+
+mod relay;
+mod signals;
 
 /// Exit status of `run` when anvil itself fails (as `docker run` does): the workload's own
 /// codes pass through unchanged.
@@ -26,6 +30,8 @@ const EXIT_ERROR: u8 = 1;
 const PORT_STDOUT: u32 = 1000;
 const PORT_STDERR: u32 = 1001;
 const PORT_STATUS: u32 = 1002;
+const PORT_STDIN: u32 = 1003;
+const PORT_CONTROL: u32 = 1004;
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 /// Size of each run's writable layer (a sparse file).
@@ -83,12 +89,22 @@ pub struct RunArgs {
     /// Working directory of the workload.
     #[arg(long, short = 'w', value_name = "DIR")]
     workdir: Option<String>,
+    /// Keep stdin open: the workload reads this process's stdin (else /dev/null).
+    #[arg(long, short = 'i')]
+    interactive: bool,
     /// User of the workload: user[:group], names or numbers.
     #[arg(long, short = 'u', value_name = "USER")]
     user: Option<String>,
     /// A virtio-net interface, as `boot --net`. Repeatable.
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// IPv4 address of the first --net interface (eth0 in the guest) as ADDR/PREFIX; the agent
+    /// configures it before the workload starts (without it, only `lo` is up).
+    #[arg(long, value_name = "ADDR/PREFIX", requires = "net")]
+    ip: Option<String>,
+    /// Default route of the guest, via this address (with --ip).
+    #[arg(long, value_name = "ADDR", requires = "ip")]
+    gateway: Option<std::net::Ipv4Addr>,
     /// An extra virtio-blk disk, as `boot --disk` (the guest sees it as vdc, vdd, ...).
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
@@ -146,6 +162,33 @@ struct AgentSpec {
     stdout_port: u32,
     stderr_port: u32,
     status_port: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdin_port: Option<u32>,
+    control_port: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    net: Option<AgentNet>,
+}
+
+/// `--ip`/`--gateway` for the agent (resources/agent/src/net.rs).
+#[derive(Debug, Serialize, PartialEq)]
+struct AgentNet {
+    interface: String,
+    address: std::net::Ipv4Addr,
+    prefix_len: u8,
+    gateway: Option<std::net::Ipv4Addr>,
+}
+
+/// Parses `--ip ADDR/PREFIX`.
+fn parse_ip(text: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let bad = || format!("invalid --ip {text:?}: expected an IPv4 ADDR/PREFIX such as 10.0.0.2/24");
+    let (addr, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let addr = addr.parse().map_err(|_| bad())?;
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(bad)?;
+    Ok((addr, prefix))
 }
 
 fn error_line(error: &dyn std::error::Error) -> String {
@@ -313,7 +356,38 @@ fn agent_spec(args: &RunArgs, image: &Image) -> Result<AgentSpec, String> {
         stdout_port: PORT_STDOUT,
         stderr_port: PORT_STDERR,
         status_port: PORT_STATUS,
+        stdin_port: args.interactive.then_some(PORT_STDIN),
+        control_port: PORT_CONTROL,
+        net: match &args.ip {
+            Some(ip) => {
+                let (address, prefix_len) = parse_ip(ip)?;
+                Some(AgentNet {
+                    interface: "eth0".into(),
+                    address,
+                    prefix_len,
+                    gateway: args.gateway,
+                })
+            }
+            None => None,
+        },
     })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock benchmark scripts read (Python's
+/// `time.monotonic_ns`), so they can place these log lines against their own spawn time.
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
 }
 
 /// Appends one newc cpio entry.
@@ -373,150 +447,6 @@ fn guest_file(
     }
 }
 
-/// Removes directories on a thread started before the VM: once the VM runs, this (main)
-/// thread is under the VMM's seccomp filter, which does not allow walking directories.
-struct Janitor {
-    tx: Option<std::sync::mpsc::Sender<PathBuf>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Janitor {
-    fn start() -> Result<Self, String> {
-        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
-        let thread = std::thread::Builder::new()
-            .name("anvil-janitor".into())
-            .spawn(move || {
-                for path in rx {
-                    match std::fs::remove_dir_all(&path) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => {
-                            tracing::warn!(dir = %path.display(), error = %e, "cannot remove")
-                        }
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the cleanup thread: {e}"))?;
-        Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    fn remove(&self, path: &Path) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(path.to_path_buf());
-        }
-    }
-
-    /// Waits until everything sent has been removed.
-    fn finish(mut self) {
-        drop(self.tx.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Sockets live in a directory of their own under the temporary directory: the data
-/// directory may be on a file system without Unix sockets (9p).
-struct SocketDir<'a>(PathBuf, &'a Janitor);
-impl Drop for SocketDir<'_> {
-    fn drop(&mut self) {
-        self.1.remove(&self.0);
-    }
-}
-
-/// Accepts one connection on `listener` and copies it to `out` (`None`: collect it).
-fn relay(listener: UnixListener, mut out: Option<Box<dyn Write + Send>>) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut collected = Vec::new();
-        let Ok((mut stream, _)) = listener.accept() else {
-            return collected;
-        };
-        let mut buf = [0u8; 16 << 10];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => match out.as_mut() {
-                    Some(w) => {
-                        if w.write_all(&buf[..n]).and_then(|()| w.flush()).is_err() {
-                            break;
-                        }
-                    }
-                    None => collected.extend_from_slice(&buf[..n]),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        collected
-    })
-}
-
-/// Waits up to `deadline` for a relay thread.
-fn finish(handle: JoinHandle<Vec<u8>>, deadline: Instant) -> Option<Vec<u8>> {
-    while !handle.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if handle.is_finished() {
-        handle.join().ok()
-    } else {
-        None
-    }
-}
-
-/// Paths removed when a signal stops `run`.
-static CLEANUP: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-fn remove_on_signal(path: &Path) {
-    if let Ok(mut paths) = CLEANUP.lock() {
-        paths.push(path.to_path_buf());
-    }
-}
-
-/// Ctrl-C (SIGINT), SIGTERM and SIGHUP stop the workload and the VM: the signals are blocked
-/// in every thread (this runs before any is started) and taken by one thread with sigwait,
-/// which removes the run's temporary files and exits with 128 + the signal, as a shell
-/// reports a job killed by it. The guest dies with the process.
-fn stop_on_signals() -> Result<(), String> {
-    // SAFETY: sigset_t is plain data that sigemptyset initialises; all pointers are valid.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, sig);
-        }
-        set
-    };
-    // SAFETY: `set` is initialised; the old mask is not needed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(format!(
-            "cannot block signals: {}",
-            std::io::Error::from_raw_os_error(rc)
-        ));
-    }
-    std::thread::Builder::new()
-        .name("anvil-signals".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            tracing::info!(signal = sig, "stopping the workload and the VM");
-            if let Ok(paths) = CLEANUP.lock() {
-                for path in paths.iter() {
-                    let _ = std::fs::remove_dir_all(path);
-                }
-            }
-            std::process::exit(128 + sig);
-        })
-        .map(drop)
-        .map_err(|e| format!("cannot start the signal thread: {e}"))
-}
-
 /// `anvil-vmm run IMAGE`: exits with the workload's exit code.
 pub fn run(args: RunArgs, start: Instant) -> ExitCode {
     if let Err(why) = stop_on_signals() {
@@ -540,6 +470,9 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_USAGE, &format!("invalid --memory: {e}")),
     };
+    if let Some(Err(why)) = args.ip.as_deref().map(parse_ip) {
+        return fail(EXIT_USAGE, &why);
+    }
     let store = match open_store(&args.cache) {
         Ok(s) => s,
         Err(why) => return fail(EXIT_RUN_ERROR, &why),
@@ -582,6 +515,7 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
     };
     let code = match run_vm(
         &janitor,
+        &store,
         &args,
         &image,
         &spec,
@@ -607,6 +541,7 @@ pub fn run(args: RunArgs, start: Instant) -> ExitCode {
 #[allow(clippy::too_many_arguments)]
 fn run_vm(
     janitor: &Janitor,
+    store: &Store,
     args: &RunArgs,
     image: &Image,
     spec: &AgentSpec,
@@ -618,7 +553,9 @@ fn run_vm(
     start: Instant,
 ) -> Result<u8, String> {
     let rw_disk = run_dir.join("rw.ext4");
-    oci::ext4::build_empty(&rw_disk, SCRATCH_DISK_MIB).map_err(|e| error_line(&e))?;
+    store
+        .scratch_disk(&rw_disk, SCRATCH_DISK_MIB)
+        .map_err(|e| error_line(&e))?;
     let initrd = run_dir.join("initrd.cpio");
     write_initrd(agent, spec, &initrd)?;
 
@@ -648,6 +585,10 @@ fn run_vm(
     let stdout = relay(listen(PORT_STDOUT)?, Some(Box::new(std::io::stdout())));
     let stderr = relay(listen(PORT_STDERR)?, Some(Box::new(std::io::stderr())));
     let status = relay(listen(PORT_STATUS)?, None);
+    if spec.stdin_port.is_some() {
+        relay_stdin(listen(PORT_STDIN)?);
+    }
+    accept_control(listen(PORT_CONTROL)?);
 
     let mut disks = vec![
         format!("path={},ro,id=image", image.disk.display()),
@@ -675,8 +616,20 @@ fn run_vm(
         ..VmConfig::default()
     };
     config.validate().map_err(|e| e.to_string())?;
+    // Phase marks for scripts/bench/oci_bench.py (with vCPU 0's first KVM_RUN line between them):
+    // image preparation ends here, the guest's time ends when `run` returns.
+    tracing::info!(
+        since_start_us = micros(start.elapsed()),
+        monotonic_us = monotonic_us(),
+        "image prepared; starting the VM"
+    );
     let vmm = Vmm::build(&config, start).map_err(|e| error_line(&e))?;
     let outcome = vmm.run(None, None).map_err(|e| error_line(&e))?;
+    tracing::info!(
+        since_start_us = micros(start.elapsed()),
+        monotonic_us = monotonic_us(),
+        "VM stopped"
+    );
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     let status = finish(status, deadline).unwrap_or_default();
     finish(stdout, deadline);
@@ -696,6 +649,23 @@ fn run_vm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_flag_takes_an_ipv4_address_and_prefix() {
+        assert_eq!(
+            parse_ip("10.0.0.2/24").unwrap(),
+            ("10.0.0.2".parse().unwrap(), 24)
+        );
+        for bad in [
+            "10.0.0.2",
+            "10.0.0.2/33",
+            "10.0.0/24",
+            "::1/64",
+            "10.0.0.2/x",
+        ] {
+            assert!(parse_ip(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cpio_entries_are_aligned_newc() {
