@@ -214,6 +214,12 @@ pub fn write_error(w: &mut impl Write, message: &str) -> Result<(), ProtocolErro
 /// Reads one frame; lengths are checked against the kind's limit before anything is
 /// allocated, and a payload is decoded only as far as its kind needs.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    read_frame_reusing(r, &mut Vec::new())
+}
+
+/// Like [`read_frame`], with `spare` as the buffer for a `Pages` frame's data (give the
+/// data back in `spare` after use: a stream of page frames then allocates nothing).
+pub fn read_frame_reusing(r: &mut impl Read, spare: &mut Vec<u8>) -> Result<Frame, ProtocolError> {
     let mut h = [0u8; 8];
     r.read_exact(&mut h)?;
     let raw_kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
@@ -226,9 +232,59 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
             kind.max_len()
         )));
     }
+    if kind == Kind::Pages {
+        return read_pages(r, len, spare);
+    }
     let mut payload = vec![0u8; len as usize];
     r.read_exact(&mut payload)?;
     decode(kind, payload)
+}
+
+/// A `Pages` frame's body: its header is checked before the data is read into `spare`.
+fn read_pages(r: &mut impl Read, len: u32, spare: &mut Vec<u8>) -> Result<Frame, ProtocolError> {
+    let violation = |why: String| ProtocolError::Violation(format!("Pages frame: {why}"));
+    if len < PAGES_HEADER {
+        return Err(violation("shorter than its header".into()));
+    }
+    let mut h = [0u8; PAGES_HEADER as usize];
+    r.read_exact(&mut h)?;
+    let mut addr = [0u8; 8];
+    addr.copy_from_slice(&h[..8]);
+    let guest_addr = u64::from_le_bytes(addr);
+    let count = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+    let flags = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(violation(format!("{count} pages")));
+    }
+    if guest_addr % PAGE_SIZE != 0 {
+        return Err(violation(format!(
+            "address {guest_addr:#x} is not page-aligned"
+        )));
+    }
+    if flags & !PAGES_ZERO != 0 {
+        return Err(violation(format!("unknown flags {flags:#x}")));
+    }
+    let data_len = (len - PAGES_HEADER) as usize;
+    let expect = if flags & PAGES_ZERO != 0 {
+        0
+    } else {
+        count as usize * PAGE_BYTES
+    };
+    if data_len != expect {
+        return Err(violation(format!(
+            "{data_len} bytes of data for {count} pages"
+        )));
+    }
+    let mut data = std::mem::take(spare);
+    if data.len() != data_len {
+        data.resize(data_len, 0);
+    }
+    r.read_exact(&mut data)?;
+    Ok(Frame::Pages(Pages {
+        guest_addr,
+        count,
+        data,
+    }))
 }
 
 fn decode(kind: Kind, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
@@ -248,48 +304,7 @@ fn decode(kind: Kind, payload: Vec<u8>) -> Result<Frame, ProtocolError> {
         Kind::Config => {
             Frame::Config(String::from_utf8(payload).map_err(|_| violation("not UTF-8"))?)
         }
-        Kind::Pages => {
-            if payload.len() < PAGES_HEADER as usize {
-                return Err(violation("shorter than its header"));
-            }
-            let word = |at: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&payload[at..at + 8]);
-                u64::from_le_bytes(b)
-            };
-            let guest_addr = word(0);
-            let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
-            let flags = u32::from_le_bytes([payload[12], payload[13], payload[14], payload[15]]);
-            if count == 0 || count > MAX_PAGES_PER_FRAME {
-                return Err(violation(&format!("{count} pages")));
-            }
-            if guest_addr % PAGE_SIZE != 0 {
-                return Err(violation(&format!(
-                    "address {guest_addr:#x} is not page-aligned"
-                )));
-            }
-            if flags & !PAGES_ZERO != 0 {
-                return Err(violation(&format!("unknown flags {flags:#x}")));
-            }
-            let data_len = payload.len() - PAGES_HEADER as usize;
-            let expect = if flags & PAGES_ZERO != 0 {
-                0
-            } else {
-                count as usize * PAGE_BYTES
-            };
-            if data_len != expect {
-                return Err(violation(&format!(
-                    "{data_len} bytes of data for {count} pages"
-                )));
-            }
-            let mut data = payload;
-            data.drain(..PAGES_HEADER as usize);
-            Frame::Pages(Pages {
-                guest_addr,
-                count,
-                data,
-            })
-        }
+        Kind::Pages => return Err(violation("decoded by read_pages")),
         Kind::State => Frame::State(payload),
         Kind::Complete => Frame::Complete,
         Kind::Ok => Frame::Ok,

@@ -68,7 +68,8 @@ pub fn receive(
         .map_err(protocol::ProtocolError::Io)?;
     let mut out = stream.try_clone().map_err(protocol::ProtocolError::Io)?;
     let mut input = Counting {
-        inner: BufReader::with_capacity(1 << 20, stream),
+        // Small: a read larger than the buffer bypasses it, so page data is not copied twice.
+        inner: BufReader::with_capacity(64 << 10, stream),
         status,
         pending: 0,
     };
@@ -201,8 +202,9 @@ fn serve(
     let zeros = vec![0u8; protocol::MAX_PAGES_BYTES];
     let mut target = Some(target);
     let mut vmm = None;
+    let mut spare = Vec::new();
     loop {
-        match protocol::read_frame(input)? {
+        match protocol::read_frame_reusing(input, &mut spare)? {
             Frame::Pages(p) => {
                 let Some(t) = &target else {
                     return Err(
@@ -211,6 +213,7 @@ fn serve(
                 };
                 apply_pages(t.memory(), &p, &zeros)?;
                 update(status, |s| s.pages += u64::from(p.count));
+                spare = p.data;
             }
             Frame::State(bytes) => {
                 let Some(t) = target.take() else {

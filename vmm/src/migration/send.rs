@@ -297,7 +297,8 @@ fn migrate(job: &SendJob, started: Instant) -> Result<(), MigrationError> {
         .map_err(protocol::ProtocolError::Io)?;
     let mut input = stream.try_clone().map_err(protocol::ProtocolError::Io)?;
     let mut tx = PageWriter {
-        out: BufWriter::with_capacity(1 << 20, stream),
+        // Small: page data larger than the buffer is written straight from the page buffer.
+        out: BufWriter::with_capacity(64 << 10, stream),
         status: &job.status,
         limit: job.params.bandwidth_mib_s.map(|m| m << 20),
         window_start: Instant::now(),
