@@ -190,30 +190,40 @@ def main():
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--firecracker")
+    parser.add_argument("--anvil", help="anvil-vmm binary to measure (default: "
+                        "target/release/anvil-vmm; scripts/build-static.sh builds a static one)")
     args = parser.parse_args()
+    if args.anvil:
+        bench.ANVIL = os.path.abspath(args.anvil)
     vmms = [("anvil", bench.ANVIL)]
     if args.firecracker:
         vmms.append(("firecracker", args.firecracker))
-    results = {}
+    results = {kind: {} for kind, _ in vmms}
+    samples = {kind: {"spawn": [], "start": [], "rss": [], "boot": []} for kind, _ in vmms}
     with tempfile.TemporaryDirectory(prefix="anvil-api-bench-") as workdir:
         for kind, binary in vmms:
-            r = results[kind] = {}
-            r["latency"] = latency(kind, binary, workdir, args.requests)
-            spawns, starts, rss = [], [], []
-            for _ in range(args.runs):
+            results[kind]["latency"] = latency(kind, binary, workdir, args.requests)
+        # The VMMs take turns in every round, so drift on the machine hits both alike.
+        for _ in range(args.runs):
+            for kind, binary in vmms:
                 proc, api, us = start_vmm(kind, binary, workdir)
                 api.close()
                 stop(proc)
-                spawns.append(us)
-            for _ in range(max(3, args.runs // 2)):
+                samples[kind]["spawn"].append(us)
+        for _ in range(max(3, args.runs // 2)):
+            for kind, binary in vmms:
                 s, m = linux_start(kind, binary, workdir)
-                starts.append(s)
-                rss.append(m)
-            r["spawn_ms"] = statistics.median(spawns) / 1000
-            r["start_ms"] = statistics.median(starts) / 1000
-            r["rss_mib"] = statistics.median(rss) / 1024
-            r["api_boot_ms"] = statistics.median(
-                [api_boot(kind, binary, workdir) for _ in range(args.runs)]) / 1000
+                samples[kind]["start"].append(s)
+                samples[kind]["rss"].append(m)
+        for _ in range(args.runs):
+            for kind, binary in vmms:
+                samples[kind]["boot"].append(api_boot(kind, binary, workdir))
+        for kind, _ in vmms:
+            r, x = results[kind], samples[kind]
+            r["spawn_ms"] = statistics.median(x["spawn"]) / 1000
+            r["start_ms"] = statistics.median(x["start"]) / 1000
+            r["rss_mib"] = statistics.median(x["rss"]) / 1024
+            r["api_boot_ms"] = statistics.median(x["boot"]) / 1000
         r = results["anvil"]
         r["cli_boot_ms"] = statistics.median([
             bench.time_to_line(bench.anvil_cmd(bench.TESTGUEST, "console=ttyS0 tg.run=hello"),

@@ -65,24 +65,33 @@ def main():
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--mem", type=int, default=128)
     parser.add_argument("--firecracker")
+    parser.add_argument("--anvil", help="anvil-vmm binary to measure (default: "
+                        "target/release/anvil-vmm)")
     args = parser.parse_args()
+    if args.anvil:
+        bench.ANVIL = os.path.abspath(args.anvil)
     vmms = [("anvil", bench.ANVIL)]
     if args.firecracker:
         vmms.append(("firecracker", args.firecracker))
     results = {}
     with tempfile.TemporaryDirectory(prefix="anvil-snap-bench-") as workdir:
-        for kind, binary in vmms:
-            state, mem, create_ms = source(kind, binary, workdir, args.mem)
-            loads, firsts = [], []
-            for _ in range(args.runs):
+        snaps = {kind: source(kind, binary, workdir, args.mem) for kind, binary in vmms}
+        loads = {kind: [] for kind, _ in vmms}
+        firsts = {kind: [] for kind, _ in vmms}
+        # The VMMs take turns in every round, so drift on the machine hits both alike.
+        for _ in range(args.runs):
+            for kind, binary in vmms:
+                state, mem, _ = snaps[kind]
                 load_ms, first_ms = restore(kind, binary, workdir, state, mem)
-                loads.append(load_ms)
-                firsts.append(first_ms)
+                loads[kind].append(load_ms)
+                firsts[kind].append(first_ms)
+        for kind, _ in vmms:
+            state, mem, create_ms = snaps[kind]
             st = os.stat(mem)
             results[kind] = {
                 "create_ms": create_ms,
-                "load_ms": statistics.median(loads),
-                "first_ms": statistics.median(firsts),
+                "load_ms": statistics.median(loads[kind]),
+                "first_ms": statistics.median(firsts[kind]),
                 "mem_file_mib": st.st_blocks * 512 / (1 << 20),
             }
     for kind, r in results.items():

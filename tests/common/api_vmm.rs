@@ -119,6 +119,11 @@ impl ApiVmm {
         }
     }
 
+    /// Everything the guest printed so far, a line it is half-way through included.
+    pub fn console_all(&self) -> String {
+        self.streams[0].lock().unwrap().clone()
+    }
+
     /// Waits until `cond` holds for the output.
     pub fn wait_for(&self, what: &str, cond: impl Fn(&str) -> bool) {
         self.wait_for_within(what, Duration::from_secs(20), cond);

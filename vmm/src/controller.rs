@@ -116,7 +116,12 @@ impl Preparer {
                 && old.mem_size_mib == spec.mem_size_mib
                 && old.vcpu_count == spec.vcpu_count
                 && old.track_dirty_pages == spec.track_dirty_pages;
-            (same_machine && old.kernel.as_os_str().is_empty()).then_some(handle)
+            if same_machine && old.kernel.as_os_str().is_empty() {
+                Some(handle)
+            } else {
+                discard(handle);
+                None
+            }
         });
         let work = move || match previous.map(JoinHandle::join) {
             Some(Ok(Ok(prepared))) => prepared.with_kernel(&config),
@@ -134,6 +139,13 @@ impl Preparer {
         }
     }
 
+    /// Drops the preparation, if any, off the calling thread (see [`discard`]).
+    fn discard(&mut self) {
+        if let Some((_, handle)) = self.current.take() {
+            discard(handle);
+        }
+    }
+
     /// The prepared VM, waiting for the preparation to finish; `None` if it failed (the
     /// build then fails with the real error or succeeds from scratch).
     fn take(&mut self) -> Option<PreparedVm> {
@@ -146,6 +158,18 @@ impl Preparer {
             }
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+}
+
+/// Drops a preparation on a short-lived thread: closing a VM fd can wait for a grace period
+/// (15 ms on this PVM host), which the request that made the preparation stale (or a
+/// snapshot load) should not pay.
+fn discard(handle: JoinHandle<Result<PreparedVm, VmmError>>) {
+    let spawned = std::thread::Builder::new()
+        .name("anvil-discard".into())
+        .spawn(move || drop(handle.join()));
+    if let Err(e) = spawned {
+        tracing::debug!("cannot discard the prepared VM on a thread: {e}");
     }
 }
 
@@ -440,8 +464,9 @@ pub fn run(
                 "nothing to boot: no configuration file and no API socket".into(),
             ));
         };
+        // Preparation starts with the first request that configures a boot, not at process
+        // start: it would compete with start-up and with a snapshot load, which needs none.
         let mut preparer = Preparer::default();
-        preparer.update(&resources);
         let mut incoming: Option<IncomingMigration> = None;
         loop {
             let request = match next_event(api, incoming.as_ref()) {
@@ -475,7 +500,7 @@ pub fn run(
                         start_receiving(params, &resources, &migration, start).map(|m| {
                             incoming = Some(m);
                             // The VM comes from the source: a prepared one is not needed.
-                            preparer = Preparer::default();
+                            preparer.discard();
                             VmmData::Empty
                         })
                     };
@@ -491,6 +516,7 @@ pub fn run(
                 _ => {}
             }
             if let VmmAction::LoadSnapshot(params) = &request.action {
+                preparer.discard();
                 match load_snapshot(params, &resources, start) {
                     Ok((vmm, saved)) => {
                         resources = saved;
@@ -514,9 +540,15 @@ pub fn run(
                     }
                 }
             } else {
+                let boot_config = matches!(
+                    request.action,
+                    VmmAction::PutMachineConfig(_)
+                        | VmmAction::PatchMachineConfig(_)
+                        | VmmAction::PutBootSource(_)
+                );
                 let answer =
                     handle_pre_boot(&mut resources, &mut metrics, instance_id, request.action);
-                if answer.is_ok() {
+                if answer.is_ok() && boot_config {
                     preparer.update(&resources);
                 }
                 // A client that hung up needs no answer.

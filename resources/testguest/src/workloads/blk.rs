@@ -432,6 +432,12 @@ fn watch(blk: &mut Blk, window: u64, capacity: u64, ticks: u64) {
         config_irq |= blk.dev.ack_interrupt() & ISR_CONFIG != 0;
         let now = blk.dev.config_u64(CFG_CAPACITY);
         if now != capacity {
+            // The device stores the capacity and then sets the interrupt status: a status read
+            // between the two misses the bit, so look again for a while.
+            let settle = io::rdtsc().saturating_add(ticks / 1000 + 1);
+            while !config_irq && io::rdtsc() < settle {
+                config_irq |= blk.dev.ack_interrupt() & ISR_CONFIG != 0;
+            }
             crate::tg!("blk_capacity_changed={now}");
             crate::tg!("blk_config_irq={}", u8::from(config_irq));
             break;
