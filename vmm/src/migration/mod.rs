@@ -147,11 +147,11 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Bounds every read (a silent peer must not hang a migration forever).
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+    /// Bounds every read and write (a silent or stalled peer must not hang a migration).
+    pub fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
-            Self::Tcp(s) => s.set_read_timeout(t),
-            Self::Unix(s) => s.set_read_timeout(t),
+            Self::Tcp(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
+            Self::Unix(s) => s.set_read_timeout(t).and_then(|()| s.set_write_timeout(t)),
         }
     }
 
@@ -256,7 +256,7 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 30;
 pub const DEFAULT_MAX_ROUNDS: u32 = 10;
 /// Upper limit on `max_rounds`.
 pub const MAX_ROUNDS: u32 = 100;
-/// How long either end waits for the other's next frame.
+/// How long either end waits for the other's next frame (or for room to write one).
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl MigrationSendParams {

@@ -66,7 +66,7 @@ pub fn receive(
     start: Instant,
 ) -> Result<Incoming, MigrationError> {
     stream
-        .set_read_timeout(Some(super::PEER_TIMEOUT))
+        .set_timeouts(Some(super::PEER_TIMEOUT))
         .map_err(protocol::ProtocolError::Io)?;
     let mut out = stream.try_clone().map_err(protocol::ProtocolError::Io)?;
     let mut input = Counting {

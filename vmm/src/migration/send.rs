@@ -293,7 +293,7 @@ fn merge(into: &mut [Vec<u64>], from: Vec<Vec<u64>>) {
 fn migrate(job: &SendJob, started: Instant) -> Result<(), MigrationError> {
     let stream = job.url.connect()?;
     stream
-        .set_read_timeout(Some(super::PEER_TIMEOUT))
+        .set_timeouts(Some(super::PEER_TIMEOUT))
         .map_err(protocol::ProtocolError::Io)?;
     let mut input = stream.try_clone().map_err(protocol::ProtocolError::Io)?;
     let mut tx = PageWriter {
