@@ -1,7 +1,8 @@
 //! Live migration with the test guest: a running guest moves to a second anvil-vmm over a
 //! Unix socket and over TCP between two network namespaces, and goes on where it was (its
 //! counter continues, its memory checksum holds, its disk works); a destination that dies,
-//! speaks another protocol version or lacks the disk leaves the guest running on the source.
+//! speaks another protocol version, lacks the memory or the disk leaves the guest running on the
+//! source.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
@@ -100,7 +101,7 @@ fn rounds_in(console: &str) -> Vec<u64> {
 /// The guest's whole console across a move: the source's, then the destination's (a line
 /// the guest was printing when it stopped ends at the destination).
 fn joined(source: &ApiVmm, dest: &ApiVmm) -> String {
-    source.console() + &dest.console()
+    source.console_all() + &dest.console()
 }
 
 #[test]
@@ -312,8 +313,8 @@ fn hello(version: u32) -> Vec<u8> {
 }
 
 #[test]
-fn version_mismatch_and_a_missing_disk_fail_cleanly() {
-    if !kvm_available("version_mismatch_and_a_missing_disk_fail_cleanly") {
+fn version_mismatch_too_little_memory_and_a_missing_disk_fail_cleanly() {
+    if !kvm_available("version_mismatch_too_little_memory_and_a_missing_disk_fail_cleanly") {
         return;
     }
     let dir = TempDir::new("mig-refuse");
@@ -396,6 +397,32 @@ fn version_mismatch_and_a_missing_disk_fail_cleanly() {
     let (kind, why) = read_frame(&mut s);
     assert_eq!(kind, 7, "expected an Error frame");
     assert!(String::from_utf8_lossy(&why).contains("version 99"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&mut dc, "/migration")["state"] != "failed" {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(get(&mut dc, "/")["state"], "Not started");
+
+    // A source whose guest needs more memory than this host has is refused before any
+    // page moves.
+    receive(&mut dc, &format!("unix:{}", url.display()));
+    let mut s = std::os::unix::net::UnixStream::connect(&url).unwrap();
+    s.write_all(&hello(1)).unwrap();
+    assert_eq!(read_frame(&mut s).0, 1, "expected the destination's Hello");
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": testguest()},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 1u64 << 20},
+    })
+    .to_string();
+    let mut f = 2u32.to_le_bytes().to_vec();
+    f.extend_from_slice(&(config.len() as u32).to_le_bytes());
+    f.extend_from_slice(config.as_bytes());
+    s.write_all(&f).unwrap();
+    let (kind, why) = read_frame(&mut s);
+    let why = String::from_utf8_lossy(&why);
+    assert_eq!(kind, 7, "expected an Error frame, got {kind}: {why}");
+    assert!(why.contains("not enough memory"), "{why}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&mut dc, "/migration")["state"] != "failed" {
         assert!(Instant::now() < deadline);
