@@ -98,6 +98,24 @@ fn clone_evt(evt: &EventFd, what: &'static str) -> Result<EventFd, DeviceError> 
 }
 
 impl DeviceManager {
+    /// Stops every virtio device touching guest memory (its worker ends) and returns the
+    /// transports' state, for a snapshot or a migration; [`Self::resume_virtio`] restarts them.
+    pub fn quiesce_virtio(&self) -> Vec<devices::virtio::mmio::MmioTransportState> {
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
+            .collect()
+    }
+
+    /// Restarts the virtio devices stopped by [`Self::quiesce_virtio`] from its states.
+    pub fn resume_virtio(&self, states: &[devices::virtio::mmio::MmioTransportState]) {
+        for (t, state) in self.transports.iter().zip(states) {
+            t.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save(state);
+        }
+    }
+
     /// Creates the legacy devices of a PC (COM1, i8042, CMOS RTC, boot timer) for `vm`.
     pub fn new(
         vm: &VmFd,

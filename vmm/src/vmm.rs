@@ -1417,18 +1417,10 @@ impl EventLoop {
             ));
         }
         // The devices stop touching guest memory; they start again below.
-        let virtio: Vec<_> = devices
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
-            .collect();
+        let virtio = devices.quiesce_virtio();
         let result =
             self.write_snapshot(params, devices, vcpu_events, vcpus, machine, virtio.clone());
-        for (t, state) in devices.transports.iter().zip(&virtio) {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .resume_after_save(state);
-        }
+        devices.resume_virtio(&virtio);
         result
     }
 
@@ -1667,11 +1659,7 @@ impl EventLoop {
                         }
                         Err(why) => {
                             if let Some((was_paused, virtio)) = &run.stopped {
-                                for (t, state) in devices.transports.iter().zip(virtio) {
-                                    t.lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .resume_after_save(state);
-                                }
+                                devices.resume_virtio(virtio);
                                 if !was_paused {
                                     if let Err(e) = self.set_paused(false, vcpu_events, vcpus) {
                                         tracing::error!("cannot resume the guest: {e}");
@@ -1700,11 +1688,7 @@ impl EventLoop {
         let was_paused = self.paused;
         self.set_paused(true, vcpu_events, vcpus)
             .map_err(|e| format!("cannot pause the guest: {e}"))?;
-        let virtio: Vec<_> = devices
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
-            .collect();
+        let virtio = devices.quiesce_virtio();
         if let Some(run) = self.migration.as_mut() {
             run.stopped = Some((was_paused, virtio.clone()));
         }
