@@ -218,7 +218,7 @@ impl PageWriter<'_> {
         for (region, bitmap) in memory.iter().zip(bitmaps) {
             let pages = region.len() / PAGE_SIZE;
             let mut run: Option<(u64, u64)> = None;
-            for page in set_bits(bitmap).filter(|&p| p < pages) {
+            for page in crate::snapshot::set_pages(bitmap).filter(|&p| p < pages) {
                 run = match run {
                     Some((start, n)) if start + n == page && n < u64::from(MAX_PAGES_PER_FRAME) => {
                         Some((start, n + 1))
@@ -238,40 +238,9 @@ impl PageWriter<'_> {
     }
 }
 
-fn set_bits(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
-    bitmap.iter().enumerate().flat_map(|(w, &word)| {
-        let mut bits = word;
-        std::iter::from_fn(move || {
-            if bits == 0 {
-                return None;
-            }
-            let b = u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            Some(w as u64 * 64 + b)
-        })
-    })
-}
-
-/// The pages written since the last call, by the vCPUs (KVM's dirty log) or by the devices
-/// and the VMM (the memory's bitmaps), one bitmap per region; both logs are cleared.
+/// The pages written since the last call, one bitmap per region (both logs cleared).
 fn take_dirty(vm: &VmFd, memory: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, MigrationError> {
-    memory
-        .iter()
-        .enumerate()
-        .map(|(slot, region)| {
-            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            let size = usize::try_from(region.len()).unwrap_or(usize::MAX);
-            let mut kvm = vm.get_dirty_log(slot, size).map_err(|e| {
-                MigrationError::Source(format!("KVM cannot report the dirty pages: {e}"))
-            })?;
-            let mmap: &vm_memory::MmapRegion<_> = region;
-            let devices = mmap.bitmap().get_and_reset();
-            for (k, d) in kvm.iter_mut().zip(devices) {
-                *k |= d;
-            }
-            Ok(kvm)
-        })
-        .collect()
+    crate::snapshot::take_dirty_pages(memory, vm).map_err(|e| MigrationError::Source(e.to_string()))
 }
 
 fn count(bitmaps: &[Vec<u64>]) -> u64 {

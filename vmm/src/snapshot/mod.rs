@@ -67,6 +67,9 @@ pub enum SnapshotError {
     /// The state is inconsistent.
     #[error("invalid snapshot state: {0}")]
     Invalid(String),
+    /// KVM cannot report the pages the guest wrote.
+    #[error("KVM cannot report the dirty pages: {0}")]
+    DirtyLog(kvm_ioctls::Error),
     /// The memory file does not match the state.
     #[error("memory file {}: {why}", .path.display())]
     Memory {
@@ -221,8 +224,8 @@ pub fn memory_layout(mem_size_mib: u64) -> Result<Vec<state::MemoryRegionState>,
         .collect())
 }
 
-/// Writes guest memory to `path`, sparse: all-zero pages are left as holes.
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+/// Creates (or truncates) the memory file at `path`, sized for all of `mem`.
+fn create_memory_file(path: &Path, mem: &GuestMemoryMmap) -> Result<File, SnapshotError> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -232,6 +235,52 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotEr
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total)
         .map_err(io("cannot size memory file", path))?;
+    Ok(file)
+}
+
+/// The pages written since the last call, one bitmap per region of `mem` (slot N is region
+/// N, bit i is page i): KVM's dirty log (what the vCPUs wrote) ORed with the region's own
+/// bitmap (what the devices and the VMM wrote, which KVM never sees). Both are cleared.
+/// Diff snapshots and live migration both read dirty pages through this.
+pub fn take_dirty_pages(
+    mem: &GuestMemoryMmap,
+    vm: &kvm_ioctls::VmFd,
+) -> Result<Vec<Vec<u64>>, SnapshotError> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            let size = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let mut pages = vm
+                .get_dirty_log(slot, size)
+                .map_err(SnapshotError::DirtyLog)?;
+            let mmap: &vm_memory::MmapRegion<_> = region;
+            for (k, d) in pages.iter_mut().zip(mmap.bitmap().get_and_reset()) {
+                *k |= d;
+            }
+            Ok(pages)
+        })
+        .collect()
+}
+
+/// The page numbers set in a bitmap from [`take_dirty_pages`], in order.
+pub fn set_pages(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let b = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            Some(w as u64 * 64 + b)
+        })
+    })
+}
+
+/// Writes guest memory to `path`, sparse: all-zero pages are left as holes.
+pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+    let file = create_memory_file(path, mem)?;
     let mut offset = 0u64;
     let mut page = vec![0u8; PAGE];
     for region in mem.iter() {
@@ -257,8 +306,8 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotEr
         .map_err(io("cannot write memory file", path))
 }
 
-/// Writes the pages KVM logged as dirty since the last call (slot N is region N of `mem`) to
-/// `path`, at their offsets in the memory file layout; everything else is a hole. Dirty pages
+/// Writes the pages written since the last call ([`take_dirty_pages`]: by the vCPUs, the
+/// devices or the VMM) to `path`, at their offsets in the memory file layout; everything else is a hole. Dirty pages
 /// are written even when they are all zero, so the file's data extents are exactly the
 /// dirty pages (what [`merge_memory`] copies).
 pub fn write_dirty_memory(
@@ -266,48 +315,28 @@ pub fn write_dirty_memory(
     mem: &GuestMemoryMmap,
     vm: &kvm_ioctls::VmFd,
 ) -> Result<u64, SnapshotError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io("cannot create memory file", path))?;
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    file.set_len(total)
-        .map_err(io("cannot size memory file", path))?;
+    let file = create_memory_file(path, mem)?;
+    let dirty = take_dirty_pages(mem, vm)?;
     let mut offset = 0u64;
     let mut written = 0u64;
     let mut page = vec![0u8; PAGE];
-    for (slot, region) in mem.iter().enumerate() {
+    for (region, bitmap) in mem.iter().zip(&dirty) {
         let len = region.len();
-        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-        let size = usize::try_from(len).unwrap_or(usize::MAX);
-        let bitmap = vm
-            .get_dirty_log(slot, size)
-            .map_err(|e| SnapshotError::Memory {
-                path: path.to_path_buf(),
-                why: format!("KVM cannot report the dirty pages: {e}"),
-            })?;
-        for (word_index, word) in bitmap.iter().enumerate() {
-            let mut bits = *word;
-            while bits != 0 {
-                let bit = u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                let at = (word_index as u64 * 64 + bit) * PAGE as u64;
-                if at >= len {
-                    break;
-                }
-                let n = usize::try_from((len - at).min(PAGE as u64)).unwrap_or(PAGE);
-                region
-                    .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
-                    .map_err(|e| SnapshotError::Memory {
-                        path: path.to_path_buf(),
-                        why: format!("cannot read guest memory: {e}"),
-                    })?;
-                file.write_all_at(&page[..n], offset + at)
-                    .map_err(io("cannot write memory file", path))?;
-                written += n as u64;
+        for index in set_pages(bitmap) {
+            let at = index * PAGE as u64;
+            if at >= len {
+                break;
             }
+            let n = usize::try_from((len - at).min(PAGE as u64)).unwrap_or(PAGE);
+            region
+                .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
+                .map_err(|e| SnapshotError::Memory {
+                    path: path.to_path_buf(),
+                    why: format!("cannot read guest memory: {e}"),
+                })?;
+            file.write_all_at(&page[..n], offset + at)
+                .map_err(io("cannot write memory file", path))?;
+            written += n as u64;
         }
         offset += len;
     }
@@ -316,17 +345,9 @@ pub fn write_dirty_memory(
     Ok(written)
 }
 
-/// Forgets the pages KVM logged as dirty so far (after a full snapshot, the next diff is
-/// relative to it).
+/// Forgets the pages written so far (after a full snapshot, the next diff is relative to it).
 pub fn clear_dirty_log(mem: &GuestMemoryMmap, vm: &kvm_ioctls::VmFd) -> Result<(), SnapshotError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-        vm.get_dirty_log(slot, usize::try_from(region.len()).unwrap_or(usize::MAX))
-            .map_err(|e| {
-                SnapshotError::Invalid(format!("KVM cannot report the dirty pages: {e}"))
-            })?;
-    }
-    Ok(())
+    take_dirty_pages(mem, vm).map(drop)
 }
 
 /// Applies a diff snapshot's memory file to its base: the diff's data extents (its dirty
