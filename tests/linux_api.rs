@@ -9,13 +9,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::api_vmm::ApiVmm;
+use common::api_vmm::{ok, ApiVmm};
 use common::{linux_capable, linux_guest_dir, SockDir};
-
-fn put(c: &mut api_server::client::Client, path: &str, body: serde_json::Value) {
-    let r = c.request("PUT", path, Some(&body.to_string())).unwrap();
-    assert_eq!(r.status, 204, "PUT {path}: {r:?}");
-}
 
 #[test]
 fn linux_started_by_api_pauses_resumes_and_reboots_on_ctrl_alt_del() {
@@ -27,15 +22,17 @@ fn linux_started_by_api_pauses_resumes_and_reboots_on_ctrl_alt_del() {
     let sock = socks.path.join("api.sock");
     let vmm = ApiVmm::spawn(&["--api-sock", sock.to_str().unwrap(), "--id", "linux-api"]);
     let mut c = vmm.client();
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/machine-config",
         serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256}),
     );
     // The guest prints a tick every 200 ms until it is rebooted from outside.
     let cmd = "echo cad-ready; i=0; while true; do i=$((i+1)); echo tick=$i; sleep 0.2; done";
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/boot-source",
         serde_json::json!({
             "kernel_image_path": dir.join("vmlinux"),
@@ -43,8 +40,9 @@ fn linux_started_by_api_pauses_resumes_and_reboots_on_ctrl_alt_del() {
             "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
         }),
     );
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/actions",
         serde_json::json!({"action_type": "InstanceStart"}),
     );
@@ -81,8 +79,9 @@ fn linux_started_by_api_pauses_resumes_and_reboots_on_ctrl_alt_del() {
     });
 
     // Ctrl+Alt+Del reaches Linux's keyboard driver, which restarts the machine at once.
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/actions",
         serde_json::json!({"action_type": "SendCtrlAltDel"}),
     );

@@ -15,14 +15,9 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use common::api_vmm::ApiVmm;
+use common::api_vmm::{ok, ApiVmm};
 use common::netns::ip;
 use common::{linux_capable, linux_guest_dir, SockDir};
-
-fn put(c: &mut api_server::client::Client, path: &str, body: serde_json::Value) {
-    let r = c.request("PUT", path, Some(&body.to_string())).unwrap();
-    assert_eq!(r.status, 204, "PUT {path}: {r:?}");
-}
 
 /// The guest's `tick=N sum=S` lines.
 fn ticks(vmm: &ApiVmm) -> Vec<BTreeMap<String, String>> {
@@ -149,13 +144,15 @@ fn move_guest(
     tap: &str,
 ) -> (ApiVmm, api_server::client::Client) {
     let (dest, mut dc) = spawn(prefix, work, name);
-    put(
+    ok(
         &mut dc,
+        "PUT",
         "/migration/receive",
         serde_json::json!({"receiver_url": url, "network_overrides": [{"iface_id": "eth0", "host_dev_name": tap}]}),
     );
-    put(
+    ok(
         sc,
+        "PUT",
         "/migration/send",
         serde_json::json!({"destination_url": url}),
     );
@@ -204,18 +201,21 @@ fn linux_moves_between_hosts_with_its_tcp_connection_open() {
     let disk = work.path.join("data.img");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
     let (mut source, mut sc) = spawn(&in_a, &work, "source");
-    put(
+    ok(
         &mut sc,
+        "PUT",
         "/machine-config",
         serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256}),
     );
-    put(
+    ok(
         &mut sc,
+        "PUT",
         "/drives/data",
         serde_json::json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
     );
-    put(
+    ok(
         &mut sc,
+        "PUT",
         "/network-interfaces/eth0",
         serde_json::json!({"iface_id": "eth0", "host_dev_name": hosts.tap_a, "guest_mac": "52:54:00:12:34:56"}),
     );
@@ -227,8 +227,9 @@ fn linux_moves_between_hosts_with_its_tcp_connection_open() {
                head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
                echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
                echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
-    put(
+    ok(
         &mut sc,
+        "PUT",
         "/boot-source",
         serde_json::json!({
             "kernel_image_path": dir.join("vmlinux"),
@@ -236,8 +237,9 @@ fn linux_moves_between_hosts_with_its_tcp_connection_open() {
             "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
         }),
     );
-    put(
+    ok(
         &mut sc,
+        "PUT",
         "/actions",
         serde_json::json!({"action_type": "InstanceStart"}),
     );

@@ -11,13 +11,8 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::api_vmm::ApiVmm;
+use common::api_vmm::{ok, ApiVmm};
 use common::{linux_capable, linux_guest_dir, SockDir};
-
-fn put(c: &mut api_server::client::Client, path: &str, body: serde_json::Value) {
-    let r = c.request("PUT", path, Some(&body.to_string())).unwrap();
-    assert_eq!(r.status, 204, "PUT {path}: {r:?}");
-}
 
 /// The guest's `tick=N sum=S epoch=E disk=D net=ok|fail vsock=1|0` lines, as key-value maps.
 fn ticks(vmm: &ApiVmm) -> Vec<std::collections::BTreeMap<String, String>> {
@@ -70,23 +65,27 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
     let sock = work.path.join("source.sock");
     let vmm = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = vmm.client();
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/machine-config",
         serde_json::json!({"vcpu_count": 2, "mem_size_mib": 256}),
     );
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/drives/data",
         serde_json::json!({"drive_id": "data", "path_on_host": disk, "is_root_device": false, "is_read_only": false}),
     );
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/network-interfaces/eth0",
         serde_json::json!({"iface_id": "eth0", "host_dev_name": ns.tap}),
     );
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/vsock",
         serde_json::json!({"guest_cid": 7, "uds_path": vsock}),
     );
@@ -102,8 +101,9 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
                disk=$(dd if=/dev/vda bs=1048576 count=1 2>/dev/null | md5sum | cut -c1-32) \
                net=$(ping -c1 -W2 10.0.0.1 >/dev/null 2>&1 && echo ok || echo fail) \
                vsock=$(/bin/vsock-client 5005 t$i | grep -c vsock-reply=echo:t$i); sleep 0.3; done";
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/boot-source",
         serde_json::json!({
             "kernel_image_path": dir.join("vmlinux"),
@@ -111,8 +111,9 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
             "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
         }),
     );
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/actions",
         serde_json::json!({"action_type": "InstanceStart"}),
     );
@@ -124,8 +125,9 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
         .unwrap();
     assert_eq!(r.status, 204, "{r:?}");
     let (state, mem) = (work.path.join("vm.snap"), work.path.join("vm.mem"));
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/snapshot/create",
         serde_json::json!({"snapshot_path": state, "mem_file_path": mem}),
     );
@@ -155,8 +157,9 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
     let sock = work.path.join("restored.sock");
     let restored = ApiVmm::spawn_with(&prefix, None, &["--api-sock", sock.to_str().unwrap()]);
     let mut c = restored.client();
-    put(
+    ok(
         &mut c,
+        "PUT",
         "/snapshot/load",
         serde_json::json!({
             "snapshot_path": state,

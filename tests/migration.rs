@@ -11,13 +11,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use api_server::client::Client;
-use common::api_vmm::ApiVmm;
+use common::api_vmm::{ok, ApiVmm};
 use common::{kvm_available, testguest, TempDir};
-
-fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
-    let r = c.request(method, path, Some(&body.to_string())).unwrap();
-    assert_eq!(r.status, 204, "{method} {path}: {r:?}");
-}
 
 fn get(c: &mut Client, path: &str) -> serde_json::Value {
     let r = c.request("GET", path, None).unwrap();

@@ -8,13 +8,8 @@ mod common;
 use std::path::Path;
 
 use api_server::client::Client;
-use common::api_vmm::ApiVmm;
+use common::api_vmm::{ok, ApiVmm};
 use common::{kvm_available, testguest, TempDir};
-
-fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
-    let r = c.request(method, path, Some(&body.to_string())).unwrap();
-    assert_eq!(r.status, 204, "{method} {path}: {r:?}");
-}
 
 /// Sets the test guest with `cmdline` (after `console=ttyS0`) as the boot source and starts it.
 fn start_guest(c: &mut Client, cmdline: &str) {

@@ -182,3 +182,10 @@ impl Drop for ApiVmm {
         let _ = self.child.wait();
     }
 }
+
+/// Sends `method path` with a JSON `body` and asserts the answer is 204 No Content.
+#[allow(dead_code)]
+pub fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
+    let r = c.request(method, path, Some(&body.to_string())).unwrap();
+    assert_eq!(r.status, 204, "{method} {path}: {r:?}");
+}
