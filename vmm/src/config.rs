@@ -129,6 +129,12 @@ pub struct NetConfig {
     pub id: Option<String>,
 }
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+pub(crate) fn format_mac(mac: &[u8; 6]) -> String {
+    let text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    text.join(":")
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -486,8 +492,7 @@ impl VmConfig {
             }
             if let Some(mac) = net.mac {
                 if !macs.insert(mac) {
-                    let text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-                    return Err(ConfigError::DuplicateMac(text.join(":")));
+                    return Err(ConfigError::DuplicateMac(format_mac(&mac)));
                 }
             }
         }

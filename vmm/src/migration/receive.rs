@@ -112,12 +112,7 @@ fn accept_config(
         if net.guest_mac.is_none() {
             // The guest keeps the address it was given from the source's tap name.
             let mac = crate::vmm::default_mac(&net.host_dev_name, index);
-            net.guest_mac = Some(
-                mac.iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<Vec<_>>()
-                    .join(":"),
-            );
+            net.guest_mac = Some(crate::config::format_mac(&mac));
         }
         net.host_dev_name = o.host_dev_name.clone();
     }
