@@ -6,6 +6,7 @@
 pub mod config;
 pub mod controller;
 pub mod device_manager;
+pub mod file_pages;
 pub mod kvm;
 pub mod loader;
 pub mod logger;

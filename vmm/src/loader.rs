@@ -14,6 +14,7 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::config::BootProtocolChoice;
+use crate::file_pages::{FileMappings, MappingReader};
 
 /// Offset of the 64-bit entry point from the start of a bzImage's protected-mode kernel
 /// (Linux boot protocol, "64-bit BOOT PROTOCOL").
@@ -124,24 +125,32 @@ pub fn check_files(kernel: &Path, initrd: Option<&Path>) -> Result<(), LoaderErr
     Ok(())
 }
 
-/// Loads the kernel at `path`, trying ELF first and then bzImage.
+/// Loads the kernel at `path`, trying ELF first and then bzImage. Whole pages of the
+/// image may be mapped from the file rather than copied; they are added to `mapped` (see
+/// [`crate::file_pages`]).
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     choice: BootProtocolChoice,
+    mapped: &mut FileMappings,
 ) -> Result<LoadedKernel, LoaderError> {
-    let open = || {
-        File::open(path).map_err(|source| LoaderError::KernelOpen {
-            path: path.to_path_buf(),
-            source,
-        })
+    let open_error = |source| LoaderError::KernelOpen {
+        path: path.to_path_buf(),
+        source,
     };
+    let file = File::open(path).map_err(open_error)?;
     let load_error = |source| LoaderError::KernelLoad {
         path: path.to_path_buf(),
         source,
     };
     let highmem = Some(GuestAddress(HIMEM_START));
-    match Elf::load(mem, None, &mut open()?, highmem) {
+    let elf = Elf::load(
+        mem,
+        None,
+        &mut MappingReader::new(&file, path, mem, mapped).map_err(open_error)?,
+        highmem,
+    );
+    match elf {
         Ok(result) => {
             let pvh_entry = match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
@@ -164,7 +173,12 @@ pub fn load_kernel(
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {
-            match BzImage::load(mem, None, &mut open()?, highmem) {
+            match BzImage::load(
+                mem,
+                None,
+                &mut MappingReader::new(&file, path, mem, mapped).map_err(open_error)?,
+                highmem,
+            ) {
                 Ok(_) if choice == BootProtocolChoice::Pvh => {
                     Err(LoaderError::PvhNeedsElf(path.to_path_buf()))
                 }
@@ -192,17 +206,19 @@ pub fn load_kernel(
     }
 }
 
-/// Reads the initrd at `path` into guest memory, placed where the kernel can reach it.
+/// Reads the initrd at `path` into guest memory, placed where the kernel can reach it;
+/// whole pages may be mapped from the file, and are then added to `mapped`.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
     kernel: &LoadedKernel,
+    mapped: &mut FileMappings,
 ) -> Result<InitrdConfig, LoaderError> {
     let open_error = |source| LoaderError::InitrdOpen {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(open_error)?;
+    let file = File::open(path).map_err(open_error)?;
     let size = file.metadata().map_err(open_error)?.len();
     let addr_max = kernel
         .setup_header
@@ -218,7 +234,8 @@ pub fn load_initrd(
     let size_usize = usize::try_from(size).unwrap_or(usize::MAX);
     let address = arch::memory::initrd_load_addr(mem, size_usize, kernel.kernel_end, addr_max)
         .map_err(too_large)?;
-    mem.read_exact_volatile_from(address, &mut file, size_usize)
+    let mut reader = MappingReader::new(&file, path, mem, mapped).map_err(open_error)?;
+    mem.read_exact_volatile_from(address, &mut reader, size_usize)
         .map_err(|source| LoaderError::InitrdCopy {
             path: path.to_path_buf(),
             source,

@@ -26,6 +26,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::config::{ConfigError, CpuTemplateSource, VmConfig};
 use crate::controller::error_chain;
 use crate::device_manager::{ConsoleOut, DeviceError, DeviceManager};
+use crate::file_pages::{Detacher, FileMappings, FilePagesError};
 use crate::kvm::KvmError;
 use crate::loader::LoaderError;
 use crate::memory::MemoryError;
@@ -125,6 +126,9 @@ pub enum VmmError {
     /// Seccomp filters cannot be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// Guest memory cannot be made independent of the kernel and initrd files.
+    #[error(transparent)]
+    FilePages(#[from] FilePagesError),
     /// The event loop failed.
     #[error("event loop failure: {0}")]
     EventLoop(&'static str, #[source] std::io::Error),
@@ -178,6 +182,7 @@ struct Parts {
     vcpu_events_evt: EventFd,
     protocol: BootProtocol,
     metrics: Registry,
+    file_pages: FileMappings,
 }
 
 /// A built VM, ready to run.
@@ -198,6 +203,9 @@ pub struct Vmm {
     seccomp_level: SeccompLevel,
     metrics: Registry,
     metrics_writer: Option<MetricsWriter>,
+    /// Guest memory still mapped from the kernel and initrd files, swapped for anonymous
+    /// memory once the vCPUs run (see [`crate::file_pages`]).
+    file_pages: FileMappings,
 }
 
 /// The name of network interface `index` in metrics: its ID from the API, else `eth<index>`.
@@ -285,6 +293,8 @@ struct Preloaded {
     files: FilesKey,
     kernel: crate::loader::LoadedKernel,
     initrd: Option<arch::boot::InitrdConfig>,
+    /// What of them is still a private mapping of the files.
+    mapped: FileMappings,
 }
 
 /// The parts of a VM that depend only on the machine configuration and the kernel files,
@@ -306,18 +316,25 @@ impl Preloaded {
     fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<Self, VmmError> {
         // Taken before reading, so a file replaced meanwhile does not match later.
         let files = FilesKey::of(config);
-        let kernel = crate::loader::load_kernel(mem, &config.kernel, config.boot_protocol)?;
+        let mut mapped = FileMappings::default();
+        let kernel =
+            crate::loader::load_kernel(mem, &config.kernel, config.boot_protocol, &mut mapped)?;
         let initrd = config
             .initrd
             .as_ref()
-            .map(|path| crate::loader::load_initrd(mem, path, &kernel))
+            .map(|path| crate::loader::load_initrd(mem, path, &kernel, &mut mapped))
             .transpose()?;
+        tracing::debug!(
+            bytes = mapped.bytes(),
+            "kernel and initrd pages mapped from the files"
+        );
         Ok(Self {
             files: files.ok_or_else(|| {
                 VmmError::Api("the kernel or initrd file changed while it was loaded".into())
             })?,
             kernel,
             initrd,
+            mapped,
         })
     }
 }
@@ -586,6 +603,7 @@ impl Vmm {
             seccomp_level: config.seccomp_level,
             metrics: parts.metrics,
             metrics_writer,
+            file_pages: parts.file_pages,
         })
     }
 
@@ -600,7 +618,12 @@ impl Vmm {
         start: Instant,
         preloaded: Option<Preloaded>,
     ) -> Result<Parts, VmmError> {
-        let Preloaded { kernel, initrd, .. } = match preloaded {
+        let Preloaded {
+            kernel,
+            initrd,
+            mapped,
+            ..
+        } = match preloaded {
             Some(p) => p,
             None => Preloaded::load(config, guest_memory)?,
         };
@@ -713,6 +736,7 @@ impl Vmm {
             vcpu_events_evt,
             protocol: kernel.protocol,
             metrics,
+            file_pages: mapped,
         })
     }
 
@@ -878,6 +902,7 @@ impl Vmm {
             seccomp_level: config.seccomp_level,
             metrics,
             metrics_writer: None,
+            file_pages: FileMappings::default(),
         })
     }
 
@@ -999,6 +1024,9 @@ impl Vmm {
         if let Some(reply) = event_loop.api.as_mut().and_then(|a| a.start_reply.take()) {
             let _ = reply.send(Ok(VmmData::Empty));
         }
+        if !self.file_pages.is_empty() {
+            event_loop.start_detach(std::mem::take(&mut self.file_pages))?;
+        }
         event_loop.paused = start_paused;
         let machine = Machine {
             lazy_memory: self._uffd.is_some(),
@@ -1033,6 +1061,7 @@ const TOKEN_SERIAL_ROOM: u64 = 4;
 const TOKEN_API: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
 const TOKEN_MIGRATION: u64 = 7;
+const TOKEN_DETACH: u64 = 8;
 
 /// How long a VMM whose guest migrated away keeps answering `GET /migration`.
 const MIGRATED_LINGER: Duration = Duration::from_secs(2);
@@ -1081,6 +1110,11 @@ struct EventLoop {
     migrated_at: Option<Instant>,
     /// A migration read (and so cleared) KVM's dirty log: the next snapshot must be Full.
     dirty_log_consumed: bool,
+    /// Replacements for the guest memory mapped from the kernel and initrd files, being
+    /// prepared on a helper thread (see [`crate::file_pages`]).
+    detach: Option<(Receiver<Result<Detacher, FilePagesError>>, EventFd)>,
+    /// Some guest memory is still a private mapping of the kernel or initrd file.
+    file_backed: bool,
 }
 
 impl EventLoop {
@@ -1123,7 +1157,94 @@ impl EventLoop {
             migration: None,
             migrated_at: None,
             dirty_log_consumed: false,
+            detach: None,
+            file_backed: false,
         })
+    }
+
+    /// Starts preparing the replacements of the guest memory ranges mapped from files; the
+    /// loop swaps them in when they are ready ([`EventLoop::on_detach_ready`]).
+    fn start_detach(&mut self, mappings: FileMappings) -> Result<(), VmmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmmError::EventLoop("create the file pages event fd", e))?;
+        let thread_evt = evt
+            .try_clone()
+            .map_err(|e| VmmError::EventLoop("clone the file pages event fd", e))?;
+        self.watch(evt.as_raw_fd(), TOKEN_DETACH)?;
+        let (tx, rx) = channel();
+        std::thread::Builder::new()
+            .name("anvil-kpages".into())
+            .spawn(move || {
+                let _ = tx.send(Detacher::prepare(&mappings));
+                let _ = thread_evt.write(1);
+            })
+            .map_err(|e| VmmError::EventLoop("start the file pages thread", e))?;
+        self.detach = Some((rx, evt));
+        self.file_backed = true;
+        Ok(())
+    }
+
+    /// The replacements are ready: pauses the vCPUs and the devices, swaps them in and
+    /// resumes. A range that can no longer be read (its file was truncated) fails the VM.
+    fn on_detach_ready(
+        &mut self,
+        devices: &DeviceManager,
+        vcpu_events: &Receiver<VcpuEvent>,
+        vcpus: &[VcpuHandle],
+        machine: &Machine<'_>,
+    ) -> Result<(), VmmError> {
+        let Some((rx, evt)) = self.detach.take() else {
+            return Ok(());
+        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            evt.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let detacher = rx.recv().map_err(|_| {
+            VmmError::EventLoop(
+                "prepare the file pages",
+                std::io::Error::other("the file pages thread ended without an answer"),
+            )
+        })??;
+        if self.migration.is_some() || self.migrated_at.is_some() {
+            // The migration stops and resumes the guest on its own schedule; it reads every
+            // page of these ranges (`untouched_is_zero` is off while they are file-backed).
+            tracing::warn!(
+                "a live migration started before guest memory was copied from the kernel \
+                 files: it keeps mapping them"
+            );
+            return Ok(());
+        }
+        let started = Instant::now();
+        let was_paused = self.paused;
+        if let Err(e) = self.set_paused(true, vcpu_events, vcpus) {
+            if self.outcome.is_some() {
+                // The guest stopped meanwhile: the loop ends with that outcome.
+                return Ok(());
+            }
+            return Err(VmmError::Api(format!(
+                "cannot pause the guest to copy the kernel file pages: {e}"
+            )));
+        }
+        let virtio = devices.quiesce_virtio();
+        let swapped = detacher.swap(machine.mem);
+        devices.resume_virtio(&virtio);
+        let bytes = swapped?;
+        if !was_paused {
+            self.set_paused(false, vcpu_events, vcpus).map_err(|e| {
+                VmmError::Api(format!(
+                    "cannot resume the guest after copying the kernel file pages: {e}"
+                ))
+            })?;
+        }
+        self.file_backed = false;
+        tracing::info!(
+            bytes,
+            pause_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "guest memory no longer maps the kernel and initrd files"
+        );
+        Ok(())
     }
 
     /// Takes the VM's metrics and, with a writer, arms the periodic flush.
@@ -1222,6 +1343,12 @@ impl EventLoop {
                     }
                     TOKEN_MIGRATION => {
                         self.on_migration_events(devices, vcpu_events, vcpus, machine);
+                        if let Some(outcome) = self.outcome.take() {
+                            return Ok(outcome);
+                        }
+                    }
+                    TOKEN_DETACH => {
+                        self.on_detach_ready(devices, vcpu_events, vcpus, machine)?;
                         if let Some(outcome) = self.outcome.take() {
                             return Ok(outcome);
                         }
@@ -1590,7 +1717,8 @@ impl EventLoop {
             memory: machine.mem.clone(),
             config_json,
             logging: api.resources.machine.track_dirty_pages,
-            untouched_is_zero: !machine.lazy_memory,
+            // Pages still mapped from the kernel files are not zero when absent.
+            untouched_is_zero: !machine.lazy_memory && !self.file_backed,
             status: api.migration.clone(),
             link: crate::migration::send::SourceLink {
                 tx,
