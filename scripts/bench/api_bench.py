@@ -10,7 +10,8 @@ Prints, for each VMM:
   - spawn: process spawn until `GET /` answers (medians over --runs);
   - start: the `PUT /actions InstanceStart` request's latency with 1 vCPU, 128 MiB and the
     shared Linux guest's vmlinux + initramfs (the guest then boots; it is killed 3 s later);
-  - rss: the VMM's resident memory beyond the resident part of guest memory, 3 s after start;
+  - rss: the VMM's resident memory beyond the resident part of guest memory, 3 s after start
+    (guest memory: the contiguous mappings that make up its address range);
   - api boot: process start, all PUTs and InstanceStart until the test guest's boot signal
     (`tg.run=hello`, the `TG boot=ok` line), beside `anvil-vmm boot` of the same guest.
 """
@@ -127,23 +128,9 @@ def latency(kind, binary, workdir, n):
     return out
 
 
-def rss_beyond_guest_kib(pid, guest_kib):
-    """Total RSS minus the RSS of anonymous mappings at least as large as guest memory: the
-    kernel merges the guest mapping with an adjacent anonymous one of the same protection, so
-    an exact size match misses it; the merged neighbour (a few pages) is counted as guest."""
-    total = guest = 0
-    size, anon = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
-                lo, hi = fields[0].split("-")
-                size = (int(hi, 16) - int(lo, 16)) // 1024
-                anon = len(fields) == 5
-            elif fields[0] == "Rss:":
-                total += int(fields[1])
-                if anon and size >= guest_kib:
-                    guest += int(fields[1])
+def rss_beyond_guest_kib(pid, guest_kib, guest_files=()):
+    """Total RSS minus the RSS of guest memory (see bench.guest_rss_kib)."""
+    total, guest = bench.guest_rss_kib(pid, guest_kib, guest_files)
     return total - guest
 
 
@@ -161,7 +148,7 @@ def linux_start(kind, binary, workdir):
         api.ok("PUT", "/actions", {"action_type": "InstanceStart"})
         start_us = (time.perf_counter_ns() - t0) / 1000
         time.sleep(3)
-        rss_kib = rss_beyond_guest_kib(proc.pid, 128 * 1024)
+        rss_kib = rss_beyond_guest_kib(proc.pid, 128 * 1024, (kernel, initrd))
     finally:
         api.close()
         stop(proc)

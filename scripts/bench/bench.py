@@ -207,22 +207,44 @@ def bench_boot(args):
            "128 MiB)", list(rows.items()), baseline="anvil-vmm")
 
 
-def guest_rss_kib(pid, guest_kib):
-    """Total RSS and the RSS of mappings the size of guest memory (or the guest's regions)."""
+def guest_rss_kib(pid, guest_kib, guest_files=()):
+    """Total RSS and the RSS of guest memory. Guest memory is the largest anonymous mapping of
+    at least half its size (the kernel merges it with an adjacent anonymous mapping of the same
+    protection, so an exact size match can miss it; the merged neighbour, a few pages, is then
+    counted as guest), extended through the mappings right next to it that are anonymous or
+    map one of `guest_files`, as long as the whole stays within guest memory's size plus 1 MiB:
+    anvil maps the kernel's and initrd's pages from their files at load and then moves
+    anonymous copies over them, which leaves guest memory split into contiguous mappings."""
+    maps = []  # [lo, hi, anonymous, path, rss_kib]
     total = 0
-    guest = 0
-    size = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                lo, hi = line.split()[0].split("-")
-                size = (int(hi, 16) - int(lo, 16)) // 1024
-            elif line.startswith("Rss:"):
-                rss = int(line.split()[1])
-                total += rss
-                if size == guest_kib:
-                    guest += rss
-    return total, guest
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line) and len(fields) >= 5:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                path = fields[5] if len(fields) > 5 else None
+                maps.append([lo, hi, path is None, path, 0])
+            elif fields and fields[0] == "Rss:":
+                total += int(fields[1])
+                maps[-1][4] += int(fields[1])
+    candidates = [i for i, m in enumerate(maps) if m[2] and (m[1] - m[0]) // 1024 >= guest_kib // 2]
+    if not candidates:
+        return total, 0
+    first = last = max(candidates, key=lambda i: maps[i][1] - maps[i][0])
+    limit_kib = guest_kib + 1024
+
+    def joins(m, lo, hi):
+        return (m[2] or m[3] in guest_files) and (hi - lo) // 1024 <= limit_kib
+
+    while first > 0 and maps[first - 1][1] == maps[first][0] and \
+            joins(maps[first - 1], maps[first - 1][0], maps[last][1]):
+        first -= 1
+    while last + 1 < len(maps) and maps[last + 1][0] == maps[last][1] and \
+            joins(maps[last + 1], maps[first][0], maps[last + 1][1]):
+        last += 1
+    if (maps[last][1] - maps[first][0]) // 1024 < guest_kib:
+        return total, 0
+    return total, sum(m[4] for m in maps[first:last + 1])
 
 
 def bench_memory(args):
