@@ -10,11 +10,14 @@
 //! file holds now, and truncating the file discards even the copied pages (Linux zaps private
 //! COW pages past the new end) so that the next access raises SIGBUS. The guest must not
 //! depend on the file after it started, so once the vCPUs run, [`Detacher`] swaps each range
-//! for anonymous memory with the same content: a helper thread allocates and faults in the
-//! replacement buffers ([`Detacher::prepare`]), then the event loop pauses the vCPUs and the
-//! devices for about a millisecond, copies the ranges into the buffers with
-//! `process_vm_readv` (which fails with EFAULT where a plain copy would raise SIGBUS) and
-//! moves the buffers over the ranges with `mremap` ([`Detacher::swap`]).
+//! for anonymous memory with the same content. A helper thread allocates the replacement
+//! buffers and copies the ranges into them ([`Detacher::prepare`], while the guest runs);
+//! then the event loop pauses the vCPUs and the devices, copies again the pages written since
+//! (the anonymous ones in `/proc/self/pagemap`: a written page of a private file mapping is a
+//! copy), checks that no file changed since loading (its change time) and moves the buffers
+//! over the ranges with `mremap` ([`Detacher::swap`]). Copies use `process_vm_readv`, which
+//! fails with EFAULT where a plain copy would raise SIGBUS; a file that was truncated or
+//! written before the swap fails the VM with an error that names it.
 //!
 //! Until the swap, a page of those ranges absent from `/proc/self/pagemap` is not a zero
 //! page: live migration then reads every page (see `SendJob::untouched_is_zero`).
@@ -76,6 +79,16 @@ pub enum FilePagesError {
         #[source]
         source: std::io::Error,
     },
+    /// A file changed (written or truncated) while guest memory still mapped it.
+    #[error(
+        "{} was written or truncated while the guest started from it: guest memory mapped \
+         from it is no longer what was loaded",
+        .path.display()
+    )]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     /// The range is no longer in guest memory (a bug).
     #[error("guest memory at {addr:#x} (+{len:#x}) is not mapped")]
     Range {
@@ -97,10 +110,25 @@ pub struct MappedRange {
     pub path: PathBuf,
 }
 
-/// The ranges of guest memory mapped from the kernel and initrd files.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// The ranges of guest memory mapped from the kernel and initrd files, and those files.
+#[derive(Debug, Default)]
 pub struct FileMappings {
     ranges: Vec<MappedRange>,
+    files: Vec<Source>,
+}
+
+/// A file guest memory maps, open, with its change time when loading started: any write or
+/// truncation changes it.
+#[derive(Debug)]
+struct Source {
+    path: PathBuf,
+    file: File,
+    ctime: (i64, i64),
+}
+
+fn ctime(m: &std::fs::Metadata) -> (i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.ctime(), m.ctime_nsec())
 }
 
 impl FileMappings {
@@ -117,6 +145,20 @@ impl FileMappings {
     /// Nothing is mapped from a file.
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
+    }
+
+    /// Fails if a file changed since loading started: its pages not yet copied may then
+    /// show new bytes, and a truncation discards the pages the guest had written.
+    fn check_unchanged(&self) -> Result<(), FilePagesError> {
+        for source in &self.files {
+            let now = source.file.metadata().map(|m| ctime(&m)).ok();
+            if now != Some(source.ctime) {
+                return Err(FilePagesError::Changed {
+                    path: source.path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -162,6 +204,8 @@ pub struct MappingReader<'a> {
     path: &'a Path,
     /// The file's size when opened: pages past it are never mapped (they would raise SIGBUS).
     size: u64,
+    /// Its change time then.
+    ctime: (i64, i64),
     pos: u64,
     targets: Vec<Target>,
     mapped: &'a mut FileMappings,
@@ -176,11 +220,12 @@ impl<'a> MappingReader<'a> {
         mem: &GuestMemoryMmap,
         mapped: &'a mut FileMappings,
     ) -> std::io::Result<Self> {
-        let size = file.metadata()?.len();
+        let metadata = file.metadata()?;
         Ok(Self {
             file,
             path,
-            size,
+            size: metadata.len(),
+            ctime: ctime(&metadata),
             pos: 0,
             targets: targets(mem),
             mapped,
@@ -194,6 +239,7 @@ impl<'a> MappingReader<'a> {
             file,
             path,
             size: file.metadata().map(|m| m.len()).unwrap_or(0),
+            ctime: (0, 0),
             pos: 0,
             targets: Vec::new(),
             mapped,
@@ -305,6 +351,18 @@ impl ReadVolatile for MappingReader<'_> {
             done = self
                 .read_at_ptr(ptr, head)
                 .map_err(VolatileMemoryError::IOError)?;
+            if done == head && !self.mapped.files.iter().any(|f| f.path == self.path) {
+                // Kept open to check, before the swap, that it did not change.
+                let file = self
+                    .file
+                    .try_clone()
+                    .map_err(VolatileMemoryError::IOError)?;
+                self.mapped.files.push(Source {
+                    path: self.path.to_path_buf(),
+                    file,
+                    ctime: self.ctime,
+                });
+            }
             if done == head {
                 // A failed MAP_FIXED may leave the range unmapped: loading then fails.
                 // SAFETY (of `add`): `head + pages <= len` (from `plan`).
@@ -354,12 +412,14 @@ impl Drop for Replacement {
 #[derive(Debug)]
 pub struct Detacher {
     replacements: Vec<Replacement>,
+    mappings: FileMappings,
 }
 
 impl Detacher {
-    /// Allocates and faults in a buffer for each range (on a helper thread: this is the
-    /// slow part, and it needs no pause).
-    pub fn prepare(mappings: &FileMappings) -> Result<Self, FilePagesError> {
+    /// Allocates and faults in a buffer for each range of `mem` and copies the range into it
+    /// (on a helper thread while the guest runs: this is the slow part). A range that can no
+    /// longer be read fails.
+    pub fn prepare(mappings: FileMappings, mem: &GuestMemoryMmap) -> Result<Self, FilePagesError> {
         let mut replacements = Vec::new();
         for range in mappings.ranges() {
             let allocate_error = |source| FilePagesError::Allocate {
@@ -386,25 +446,67 @@ impl Detacher {
                 buf,
             };
             populate(buf.cast(), range.len).map_err(allocate_error)?;
+            let addr = range.addr.raw_value();
+            let host = host_range(mem, range.addr, range.len).ok_or(FilePagesError::Range {
+                addr,
+                len: range.len,
+            })?;
+            copy_own_memory(host, buf.cast(), range.len).map_err(|source| {
+                FilePagesError::Read {
+                    path: range.path.clone(),
+                    addr,
+                    source,
+                }
+            })?;
             replacements.push(replacement);
         }
-        Ok(Self { replacements })
+        Ok(Self {
+            replacements,
+            mappings,
+        })
     }
 
-    /// Copies each range into its buffer and moves the buffer over the range. The vCPUs and
-    /// the devices must not write guest memory meanwhile (the event loop pauses them).
-    pub fn swap(mut self, mem: &GuestMemoryMmap) -> Result<usize, FilePagesError> {
-        let mut bytes = 0;
+    /// Copies again the pages of each range written since [`Detacher::prepare`] copied it,
+    /// checks that no file changed, and moves the buffers over the ranges; returns the bytes swapped and the bytes copied
+    /// again. The vCPUs and the devices must not write guest memory meanwhile (the event loop
+    /// pauses them).
+    ///
+    /// A written page of a private file mapping is an anonymous page (copy-on-write); a page
+    /// that is still the file's holds what the file holds, which `prepare` copied. So only
+    /// the anonymous (or swapped-out) pages in `/proc/self/pagemap` are copied again; when
+    /// the map cannot be read, every page is.
+    pub fn swap(mut self, mem: &GuestMemoryMmap) -> Result<(usize, usize), FilePagesError> {
+        let pagemap = File::open("/proc/self/pagemap").ok();
+        let (mut bytes, mut copied) = (0, 0);
         for r in &mut self.replacements {
             let addr = r.range.addr.raw_value();
             let len = r.range.len;
             let host =
                 host_range(mem, r.range.addr, len).ok_or(FilePagesError::Range { addr, len })?;
-            copy_own_memory(host, r.buf.cast(), len).map_err(|source| FilePagesError::Read {
-                path: r.range.path.clone(),
-                addr,
-                source,
-            })?;
+            let runs = pagemap
+                .as_ref()
+                .and_then(|map| written_runs(map, host as usize, len / PAGE))
+                .unwrap_or_else(|| vec![(0, len / PAGE)]);
+            for (first, count) in runs {
+                let (at, n) = (first * PAGE, count * PAGE);
+                // SAFETY: `first + count <= len / PAGE`: inside the range and the buffer.
+                let (src, dst) = unsafe { (host.add(at), r.buf.cast::<u8>().add(at)) };
+                copy_own_memory(src, dst, n).map_err(|source| FilePagesError::Read {
+                    path: r.range.path.clone(),
+                    addr,
+                    source,
+                })?;
+                copied += n;
+            }
+        }
+        // After the last copy: a change before it may have reached guest memory, one after
+        // it cannot reach the buffers.
+        self.mappings.check_unchanged()?;
+        for r in &mut self.replacements {
+            let addr = r.range.addr.raw_value();
+            let len = r.range.len;
+            let host =
+                host_range(mem, r.range.addr, len).ok_or(FilePagesError::Range { addr, len })?;
             // SAFETY: `buf` is our anonymous mapping of `len` bytes; `host` is the start of
             // the file mapping of the same length inside guest memory (page aligned). The
             // move replaces that mapping atomically with the buffer and its pages, so the
@@ -427,8 +529,34 @@ impl Detacher {
             r.buf = std::ptr::null_mut();
             bytes += len;
         }
-        Ok(bytes)
+        Ok((bytes, copied))
     }
+}
+
+/// The runs `(first page, count)` of the `pages` pages at host address `host` that are
+/// anonymous or swapped out per `/proc/self/pagemap` (written since they were mapped from
+/// the file); `None` when the map cannot be read.
+fn written_runs(pagemap: &File, host: usize, pages: usize) -> Option<Vec<(usize, usize)>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let mut raw = vec![0u8; pages.checked_mul(8)?];
+    pagemap
+        .read_exact_at(&mut raw, u64::try_from(host / PAGE * 8).ok()?)
+        .ok()?;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (page, entry) in raw.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(entry.try_into().ok()?);
+        let written = (word & PRESENT != 0 && word & FILE_OR_SHARED == 0) || word & SWAPPED != 0;
+        if !written {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, count)) if *first + *count == page => *count += 1,
+            _ => runs.push((page, 1)),
+        }
+    }
+    Some(runs)
 }
 
 /// The host address of `[addr, addr + len)` when it lies inside one region of `mem`.

@@ -1025,7 +1025,10 @@ impl Vmm {
             let _ = reply.send(Ok(VmmData::Empty));
         }
         if !self.file_pages.is_empty() {
-            event_loop.start_detach(std::mem::take(&mut self.file_pages))?;
+            event_loop.start_detach(
+                std::mem::take(&mut self.file_pages),
+                self._guest_memory.clone(),
+            )?;
         }
         event_loop.paused = start_paused;
         let machine = Machine {
@@ -1164,7 +1167,11 @@ impl EventLoop {
 
     /// Starts preparing the replacements of the guest memory ranges mapped from files; the
     /// loop swaps them in when they are ready ([`EventLoop::on_detach_ready`]).
-    fn start_detach(&mut self, mappings: FileMappings) -> Result<(), VmmError> {
+    fn start_detach(
+        &mut self,
+        mappings: FileMappings,
+        mem: GuestMemoryMmap,
+    ) -> Result<(), VmmError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| VmmError::EventLoop("create the file pages event fd", e))?;
         let thread_evt = evt
@@ -1175,7 +1182,7 @@ impl EventLoop {
         std::thread::Builder::new()
             .name("anvil-kpages".into())
             .spawn(move || {
-                let _ = tx.send(Detacher::prepare(&mappings));
+                let _ = tx.send(Detacher::prepare(mappings, &mem));
                 let _ = thread_evt.write(1);
             })
             .map_err(|e| VmmError::EventLoop("start the file pages thread", e))?;
@@ -1230,7 +1237,7 @@ impl EventLoop {
         let virtio = devices.quiesce_virtio();
         let swapped = detacher.swap(machine.mem);
         devices.resume_virtio(&virtio);
-        let bytes = swapped?;
+        let (bytes, copied_again) = swapped?;
         if !was_paused {
             self.set_paused(false, vcpu_events, vcpus).map_err(|e| {
                 VmmError::Api(format!(
@@ -1241,6 +1248,7 @@ impl EventLoop {
         self.file_backed = false;
         tracing::info!(
             bytes,
+            copied_again,
             pause_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "guest memory no longer maps the kernel and initrd files"
         );

@@ -174,13 +174,21 @@ fn an_initrd_is_mapped_up_to_its_last_whole_page() {
 #[test]
 fn after_the_swap_guest_memory_survives_its_file_being_overwritten_and_truncated() {
     let (mem, mapped, data, file) = load_partial_segment();
-    // The guest wrote to one mapped page before the swap.
-    mem.write_slice(b"guest", GuestAddress(LOAD_ADDR + 3 * PAGE as u64))
-        .unwrap();
+    // The guest writes to one mapped page before the copy and to two after it.
     let mut expected = data.clone();
-    expected[3 * PAGE..3 * PAGE + 5].copy_from_slice(b"guest");
-    let bytes = Detacher::prepare(&mapped).unwrap().swap(&mem).unwrap();
+    let mut write = |page: usize, text: &[u8]| {
+        mem.write_slice(text, GuestAddress(LOAD_ADDR + (page * PAGE + 7) as u64))
+            .unwrap();
+        expected[page * PAGE + 7..page * PAGE + 7 + text.len()].copy_from_slice(text);
+    };
+    write(3, b"before");
+    let detacher = Detacher::prepare(mapped, &mem).unwrap();
+    write(3, b"after");
+    write(11, b"later");
+    let (bytes, copied_again) = detacher.swap(&mem).unwrap();
     assert_eq!(bytes, 20 * PAGE);
+    // Pages 3 and 11; the other 18 are still the file's and were not copied again.
+    assert_eq!(copied_again, 2 * PAGE);
     // Overwritten in place, then truncated: a private file mapping would show the new
     // bytes for pages it had not copied, then raise SIGBUS.
     std::fs::write(&file.0, vec![0x55u8; 4 * PAGE]).unwrap();
@@ -200,7 +208,7 @@ fn after_the_swap_guest_memory_survives_its_file_being_overwritten_and_truncated
 }
 
 #[test]
-fn a_file_truncated_before_the_swap_fails_it_without_a_signal() {
+fn a_file_truncated_before_the_copy_fails_it_without_a_signal() {
     let (mem, mapped, _data, file) = load_partial_segment();
     std::fs::OpenOptions::new()
         .write(true)
@@ -208,10 +216,29 @@ fn a_file_truncated_before_the_swap_fails_it_without_a_signal() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    let error = Detacher::prepare(&mapped).unwrap().swap(&mem).unwrap_err();
+    let error = Detacher::prepare(mapped, &mem).unwrap_err();
     assert!(
         matches!(&error, FilePagesError::Read { addr, .. } if *addr == LOAD_ADDR),
         "{error:?}"
     );
     assert!(error.to_string().contains("truncated"), "{error}");
+}
+
+#[test]
+fn a_file_written_before_the_swap_fails_it() {
+    let (mem, mapped, _data, file) = load_partial_segment();
+    let detacher = Detacher::prepare(mapped, &mem).unwrap();
+    // Same length, other bytes, in place: the pages the guest has not written show them.
+    // (After a pause: file times may be as coarse as the kernel's tick.)
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file.0)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0x55; 64]).unwrap();
+    let error = detacher.swap(&mem).unwrap_err();
+    assert!(
+        matches!(&error, FilePagesError::Changed { path } if *path == file.0),
+        "{error:?}"
+    );
 }
