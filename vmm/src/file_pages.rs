@@ -578,10 +578,11 @@ fn populate(buf: *mut u8, len: usize) -> std::io::Result<()> {
         return Ok(());
     }
     let e = std::io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EINVAL) {
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
         return Err(e);
     }
-    // Kernels before 5.14: touch each page (the buffer is ours and still zero).
+    // Kernels before 5.14 (EINVAL) or without madvise (ENOSYS, CONFIG_ADVISE_SYSCALLS off,
+    // as in the L1 machine's kernel): touch each page (the buffer is ours and still zero).
     for offset in (0..len).step_by(PAGE) {
         // SAFETY: inside the mapping, which no other thread sees.
         unsafe { buf.add(offset).write_volatile(0) };
