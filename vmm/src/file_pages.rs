@@ -364,9 +364,10 @@ impl ReadVolatile for MappingReader<'_> {
                 });
             }
             if done == head {
+                // SAFETY: `head + pages <= len` (from `plan`): inside the slice.
+                let at = unsafe { ptr.add(head) };
                 // A failed MAP_FIXED may leave the range unmapped: loading then fails.
-                // SAFETY (of `add`): `head + pages <= len` (from `plan`).
-                self.map_at_ptr(unsafe { ptr.add(head) }, pages)
+                self.map_at_ptr(at, pages)
                     .map_err(VolatileMemoryError::IOError)?;
                 done += pages;
                 self.mapped.ranges.push(MappedRange {
