@@ -15,8 +15,8 @@
 //! then the event loop pauses the vCPUs and the devices, copies again the pages written since
 //! (the anonymous ones in `/proc/self/pagemap`: a written page of a private file mapping is a
 //! copy), checks that no file changed since loading (its change time) and moves the buffers
-//! over the ranges with `mremap` ([`Detacher::swap`]). Copies use `process_vm_readv`, which
-//! fails with EFAULT where a plain copy would raise SIGBUS; a file that was truncated or
+//! over the ranges with `mremap` ([`Detacher::swap`]). Copies read `/proc/self/mem`, which
+//! fails with an error where a plain copy would raise SIGBUS; a file that was truncated or
 //! written before the swap fails the VM with an error that names it.
 //!
 //! Until the swap, a page of those ranges absent from `/proc/self/pagemap` is not a zero
@@ -414,13 +414,20 @@ impl Drop for Replacement {
 pub struct Detacher {
     replacements: Vec<Replacement>,
     mappings: FileMappings,
+    own_memory: File,
 }
 
 impl Detacher {
     /// Allocates and faults in a buffer for each range of `mem` and copies the range into it
     /// (on a helper thread while the guest runs: this is the slow part). A range that can no
     /// longer be read fails.
-    pub fn prepare(mappings: FileMappings, mem: &GuestMemoryMmap) -> Result<Self, FilePagesError> {
+    /// `own_memory` is [`open_own_memory`]'s file (opened by the caller: threads other than
+    /// the main one may not open files under seccomp).
+    pub fn prepare(
+        mappings: FileMappings,
+        mem: &GuestMemoryMmap,
+        own_memory: File,
+    ) -> Result<Self, FilePagesError> {
         let mut replacements = Vec::new();
         for range in mappings.ranges() {
             let allocate_error = |source| FilePagesError::Allocate {
@@ -452,7 +459,7 @@ impl Detacher {
                 addr,
                 len: range.len,
             })?;
-            copy_own_memory(host, buf.cast(), range.len).map_err(|source| {
+            copy_own_memory(&own_memory, host, buf.cast(), range.len).map_err(|source| {
                 FilePagesError::Read {
                     path: range.path.clone(),
                     addr,
@@ -464,6 +471,7 @@ impl Detacher {
         Ok(Self {
             replacements,
             mappings,
+            own_memory,
         })
     }
 
@@ -492,10 +500,12 @@ impl Detacher {
                 let (at, n) = (first * PAGE, count * PAGE);
                 // SAFETY: `first + count <= len / PAGE`: inside the range and the buffer.
                 let (src, dst) = unsafe { (host.add(at), r.buf.cast::<u8>().add(at)) };
-                copy_own_memory(src, dst, n).map_err(|source| FilePagesError::Read {
-                    path: r.range.path.clone(),
-                    addr,
-                    source,
+                copy_own_memory(&self.own_memory, src, dst, n).map_err(|source| {
+                    FilePagesError::Read {
+                        path: r.range.path.clone(),
+                        addr,
+                        source,
+                    }
                 })?;
                 copied += n;
             }
@@ -591,36 +601,33 @@ fn populate(buf: *mut u8, len: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies `len` bytes of this process's memory from `src` to `dst` with `process_vm_readv`,
-/// which reports a page that cannot be faulted in (a file mapping past its file's end) as
-/// EFAULT instead of raising SIGBUS.
-fn copy_own_memory(src: *const u8, dst: *mut u8, len: usize) -> std::io::Result<()> {
-    let pid = libc::pid_t::try_from(std::process::id())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+/// Opens this process's memory (`/proc/self/mem`) for [`Detacher`]'s copies: a read there
+/// of a page that cannot be faulted in (a file mapping past its file's end) fails with an
+/// error instead of raising SIGBUS as a plain copy would. (`process_vm_readv` would do the
+/// same without a file, but kernels built without CONFIG_CROSS_MEMORY_ATTACH, as the L1
+/// machine's, lack it.)
+pub fn open_own_memory() -> std::io::Result<File> {
+    File::open("/proc/self/mem")
+}
+
+/// Copies `len` bytes of this process's memory from `src` to `dst` through `own_memory`
+/// ([`open_own_memory`]).
+fn copy_own_memory(
+    own_memory: &File,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+) -> std::io::Result<()> {
     let mut done = 0;
     while done < len {
-        let local = libc::iovec {
-            // SAFETY: `done < len`: inside `dst`.
-            iov_base: unsafe { dst.add(done) }.cast(),
-            iov_len: len - done,
-        };
-        let remote = libc::iovec {
-            // SAFETY: `done < len`: inside `src`.
-            iov_base: unsafe { src.add(done) }.cast_mut().cast(),
-            iov_len: len - done,
-        };
-        // SAFETY: both iovecs describe memory of this process that stays mapped for the
-        // call; the kernel checks every access and fails instead of faulting.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-        match n {
-            n if n > 0 => done += usize::try_from(n).unwrap_or(0),
-            0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+        // SAFETY: `[dst, dst + len)` is a buffer of ours (a replacement) that nothing else
+        // uses meanwhile; `done < len` keeps the slice inside it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst.add(done), len - done) };
+        match own_memory.read_at(buf, src as u64 + done as u64) {
+            Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())

@@ -1177,12 +1177,14 @@ impl EventLoop {
         let thread_evt = evt
             .try_clone()
             .map_err(|e| VmmError::EventLoop("clone the file pages event fd", e))?;
+        let own_memory = crate::file_pages::open_own_memory()
+            .map_err(|e| VmmError::EventLoop("open /proc/self/mem", e))?;
         self.watch(evt.as_raw_fd(), TOKEN_DETACH)?;
         let (tx, rx) = channel();
         std::thread::Builder::new()
             .name("anvil-kpages".into())
             .spawn(move || {
-                let _ = tx.send(Detacher::prepare(mappings, &mem));
+                let _ = tx.send(Detacher::prepare(mappings, &mem, own_memory));
                 let _ = thread_evt.write(1);
             })
             .map_err(|e| VmmError::EventLoop("start the file pages thread", e))?;

@@ -182,7 +182,7 @@ fn after_the_swap_guest_memory_survives_its_file_being_overwritten_and_truncated
         expected[page * PAGE + 7..page * PAGE + 7 + text.len()].copy_from_slice(text);
     };
     write(3, b"before");
-    let detacher = Detacher::prepare(mapped, &mem).unwrap();
+    let detacher = Detacher::prepare(mapped, &mem, open_own_memory().unwrap()).unwrap();
     write(3, b"after");
     write(11, b"later");
     let (bytes, copied_again) = detacher.swap(&mem).unwrap();
@@ -216,7 +216,7 @@ fn a_file_truncated_before_the_copy_fails_it_without_a_signal() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    let error = Detacher::prepare(mapped, &mem).unwrap_err();
+    let error = Detacher::prepare(mapped, &mem, open_own_memory().unwrap()).unwrap_err();
     assert!(
         matches!(&error, FilePagesError::Read { addr, .. } if *addr == LOAD_ADDR),
         "{error:?}"
@@ -227,7 +227,7 @@ fn a_file_truncated_before_the_copy_fails_it_without_a_signal() {
 #[test]
 fn a_file_written_before_the_swap_fails_it() {
     let (mem, mapped, _data, file) = load_partial_segment();
-    let detacher = Detacher::prepare(mapped, &mem).unwrap();
+    let detacher = Detacher::prepare(mapped, &mem, open_own_memory().unwrap()).unwrap();
     // Same length, other bytes, in place: the pages the guest has not written show them.
     // (After a pause: file times may be as coarse as the kernel's tick.)
     std::thread::sleep(std::time::Duration::from_millis(20));

@@ -579,7 +579,7 @@ fn device_host(rules: &mut Rules) {
 
 /// The main thread once the VM runs: its epoll loop, vCPU kicks, stdin, the terminal mode
 /// restored at exit, the vsock socket removed at exit, the metrics timer, the copy of the
-/// guest memory mapped from the kernel files, and the API actions
+/// guest memory mapped from the kernel files (`/proc/self/mem`), and the API actions
 /// on a running VM: `PATCH /drives` opens the new backing file, a snapshot creates its files
 /// and reads the VM's state (irqchip, PIT, clock, dirty log), stopping the device workers and
 /// starting them again afterwards.
@@ -600,13 +600,6 @@ fn vmm(rules: &mut Rules) {
         libc::SYS_newfstatat,
         libc::SYS_statx,
     ]);
-    // Copying the guest memory mapped from the kernel and initrd files into anonymous
-    // memory (`crate::file_pages`): this process's own memory only.
-    rules.allow_arg_in(
-        libc::SYS_process_vm_readv,
-        0,
-        &[u64::from(std::process::id())],
-    );
     rules.allow_ioctls(&[
         libc::TCGETS,
         libc::TCSETS,
