@@ -52,6 +52,60 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// The command line of Firecracker mode alone (no subcommand): what tools that spawn
+/// Firecracker pass. Parsing it does not build the subcommands' definitions, which is most of
+/// clap's start-up work and of the code a VMM process would otherwise fault in (see
+/// [`parse_cli`]); it accepts exactly what [`Cli`] accepts without a subcommand.
+#[derive(Debug, Parser)]
+#[command(name = "anvil-vmm", version)]
+struct FirecrackerCli {
+    /// See [`Cli::log_level`].
+    #[arg(long, default_value = "info", value_name = "LEVEL", alias = "level")]
+    log_level: String,
+
+    #[command(flatten)]
+    fc: FirecrackerArgs,
+}
+
+/// Words that make the command line more than Firecracker mode: the subcommands and the
+/// requests for help or the version (checked against [`Cli`] by a unit test).
+const FULL_CLI_WORDS: &[&str] = &[
+    "boot",
+    "ctl",
+    "migrate",
+    "snapshot",
+    "pull",
+    "run",
+    "images",
+    "help",
+    "-h",
+    "--help",
+    "-V",
+    "--version",
+];
+
+/// Parses the command line. One without any subcommand name or help request is parsed as
+/// Firecracker mode first (see [`FirecrackerCli`]); anything else, or anything that parser
+/// refuses, goes to the full parser, whose errors and help are the ones users see. A word that
+/// only looks like a subcommand (`--id run`) merely takes the full parser, which accepts it too.
+fn parse_cli() -> Result<Cli, clap::Error> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let full = args
+        .iter()
+        .skip(1)
+        .any(|a| a.to_str().is_some_and(|a| FULL_CLI_WORDS.contains(&a)));
+    if !full {
+        if let Ok(fc) = FirecrackerCli::try_parse_from(&args) {
+            return Ok(Cli {
+                log_level: fc.log_level,
+                fc: fc.fc,
+                command: None,
+            });
+        }
+    }
+    Cli::try_parse_from(args)
+}
+
 /// Firecracker's own command-line flags: `anvil-vmm` without a subcommand behaves as
 /// `firecracker` does, so tools that spawn Firecracker can spawn anvil.
 #[derive(Debug, clap::Args)]
@@ -412,7 +466,7 @@ fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, 
 
 fn main() -> ExitCode {
     let start = Instant::now();
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -507,5 +561,51 @@ fn main() -> ExitCode {
             eprintln!("anvil-vmm: error: {why}");
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn full_cli_words_name_every_subcommand() {
+        let mut names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        names.push("help".to_string());
+        for name in &names {
+            assert!(FULL_CLI_WORDS.contains(&name.as_str()), "{name} is missing");
+        }
+        let flags = ["-h", "--help", "-V", "--version"];
+        assert_eq!(FULL_CLI_WORDS.len(), names.len() + flags.len());
+    }
+
+    #[test]
+    fn firecracker_mode_parses_alike_with_either_parser() {
+        let argv = [
+            "anvil-vmm",
+            "--api-sock",
+            "/tmp/x.sock",
+            "--id",
+            "vm1",
+            "--level",
+            "Warning",
+            "--seccomp-level",
+            "1",
+            "--boot-timer",
+            "--metrics-path",
+            "/tmp/m",
+        ];
+        let light = FirecrackerCli::try_parse_from(argv).expect("light parser");
+        let full = Cli::try_parse_from(argv).expect("full parser");
+        assert!(full.command.is_none());
+        assert_eq!(format!("{:?}", light.fc), format!("{:?}", full.fc));
+        assert_eq!(light.log_level, full.log_level);
+        // The light parser refuses what only subcommands accept; the full one decides then.
+        assert!(FirecrackerCli::try_parse_from(["anvil-vmm", "--kernel", "k"]).is_err());
+        assert!(FirecrackerCli::try_parse_from(["anvil-vmm", "--seccomp-level", "3"]).is_err());
     }
 }
