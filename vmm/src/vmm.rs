@@ -1236,9 +1236,11 @@ impl EventLoop {
                 "cannot pause the guest to copy the kernel file pages: {e}"
             )));
         }
+        let paused_after = started.elapsed();
         let virtio = devices.quiesce_virtio();
         let swapped = detacher.swap(machine.mem);
         devices.resume_virtio(&virtio);
+        let swapped_after = started.elapsed();
         let (bytes, copied_again) = swapped?;
         if !was_paused {
             self.set_paused(false, vcpu_events, vcpus).map_err(|e| {
@@ -1248,6 +1250,11 @@ impl EventLoop {
             })?;
         }
         self.file_backed = false;
+        tracing::debug!(
+            ?paused_after,
+            ?swapped_after,
+            "the kernel file pages' swap: vCPUs paused, then copies swapped in"
+        );
         tracing::info!(
             bytes,
             copied_again,
