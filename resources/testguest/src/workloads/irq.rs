@@ -221,7 +221,11 @@ pub fn run(info: &crate::bootinfo::BootInfo, params: &Params<'_>) -> ! {
     // A source that is slow to answer (its thread not scheduled within the per-trigger wait)
     // gets asked again, and a virtio device may then answer both requests with one interrupt:
     // keep asking until `want` interrupts arrived. When none are expected, ask `want` times.
-    let max_triggers = if expect_none { want } else { want.saturating_mul(4) };
+    let max_triggers = if expect_none {
+        want
+    } else {
+        want.saturating_mul(4)
+    };
     source.enable();
     while triggers < max_triggers && delivered() < want && before(deadline) {
         let seen = delivered();
