@@ -24,7 +24,9 @@ if [ "$(id -u)" = 0 ] && ! command -v cc >/dev/null 2>&1; then
 fi
 log "building anvil-vmm and the test guest"
 cargo build --release --workspace >&2
-vmm=$repo/target/release/anvil-vmm
+# The binary that ships: static, glibc linked in (scripts/build-static.sh, docs/benchmarks.md).
+vmm=$("$repo/scripts/build-static.sh" | tail -n 1)
+case $vmm in /*) ;; *) vmm=$repo/$vmm ;; esac
 
 if [ ! -e /dev/kvm ]; then
   log "/dev/kvm is missing: this machine cannot run KVM guests"

@@ -18,7 +18,8 @@ outside the ordered functions names a function the recording missed; it is added
 repeats (at most 8 times) until none is left. Snapshot loads are not recorded: under valgrind
 the host's CPUID is valgrind's, which lacks features the guest was given, so the load is refused.
 
-Re-run it after large changes and commit the file; stale entries only cost locality. The
+Re-run it after large changes and commit the file; stale entries only cost locality (`--check`
+lists them: mostly names with a `.llvm.N` suffix, which ThinLTO derives from the code around). The
 binary's symbol names do not depend on the ordering file (it is a link argument from build.rs),
 so the file recorded from one build applies to the next.
 """
@@ -222,8 +223,18 @@ def main():
                         "(e.g. scripts/build-static.sh); enables the page-fault refinement")
     parser.add_argument("--out", default=os.path.join(bench.REPO, "resources", "link",
                                                       "anvil-vmm.order"))
+    parser.add_argument("--check", action="store_true", help="only report how many functions "
+                        "of the file --anvil lacks (renamed since the file was recorded)")
     args = parser.parse_args()
     anvil = os.path.realpath(args.anvil)
+    if args.check:
+        listed = open(args.out).read().split()
+        known = {n for _, n in code_symbols(anvil)}
+        stale = [n for n in listed if n not in known]
+        print(f"{len(stale)} of {len(listed)} functions in {args.out} are not in {anvil}")
+        for name in stale:
+            print(f"  {name}")
+        sys.exit(1 if stale else 0)
     if not shutil.which("valgrind"):
         sys.exit("valgrind is needed (apt-get install valgrind)")
     if args.rebuild and not shutil.which("perf"):

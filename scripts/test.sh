@@ -1,6 +1,7 @@
 #!/bin/sh
 # scripts/test.sh: the whole test suite (the README's test command; .ci/run calls it).
-#   1. builds the workspace (anvil-vmm and the test guest) in release mode;
+#   1. builds the workspace (anvil-vmm and the test guest) in release mode, and the static
+#      anvil-vmm that ships (scripts/build-static.sh), which the end-to-end tests run;
 #   2. runs every cargo test on this host: unit tests, the test-guest lane and the CLI error tests,
 #      and the Linux lane when this host's KVM can run Linux;
 #   3. when it cannot (PVM, which emulates guest kernel code), runs the Linux lane inside the L1
@@ -37,6 +38,12 @@ fi
 
 log "building (release)"
 cargo build --release --workspace
+# The binary that ships is the static one (no dynamic loader, only the libc code it uses:
+# docs/benchmarks.md); every end-to-end test below runs it.
+ANVIL_TEST_VMM=$("$repo/scripts/build-static.sh" | tail -n 1)
+case $ANVIL_TEST_VMM in /*) ;; *) ANVIL_TEST_VMM=$repo/$ANVIL_TEST_VMM ;; esac
+export ANVIL_TEST_VMM
+log "end-to-end tests run $ANVIL_TEST_VMM"
 # The guest agent of `anvil-vmm run` (static), packed into its initramfs once for both lanes.
 agent_dir=${ANVIL_CACHE_DIR:-$repo/target/anvil-cache}/agent
 "$repo/resources/agent/build-initramfs.sh" "$agent_dir"

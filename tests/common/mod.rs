@@ -13,9 +13,14 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The anvil-vmm binary cargo built for these tests.
+/// The anvil-vmm binary under test: `ANVIL_TEST_VMM` when set (scripts/test.sh sets it to the
+/// static release binary of scripts/build-static.sh, the one that ships), else the one cargo
+/// built for these tests.
 pub fn anvil_vmm() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_anvil-vmm"))
+    match std::env::var_os("ANVIL_TEST_VMM") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_anvil-vmm")),
+    }
 }
 
 /// The workspace root.

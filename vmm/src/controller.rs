@@ -413,22 +413,26 @@ fn start_receiving(
             let began = Instant::now();
             drop(listener);
             let result = accepted.and_then(|stream| receive(stream, &settings, &status, start));
+            let total_ms = began.elapsed().as_secs_f64() * 1000.0;
+            let error = result.as_ref().err().map(|e| error_chain(e));
+            match &error {
+                None => tracing::info!("migration received: the guest runs here"),
+                Some(why) => tracing::warn!("migration refused: {why}"),
+            }
+            // The outcome reaches the controller before `GET /migration` reports it: a client
+            // that sees "failed" and asks to receive again must find the receiver free.
+            let _ = tx.send(result.map(Box::new).map_err(|e| error_chain(&e)));
+            let _ = thread_evt.write(1);
             crate::migration::update(&status, |s| {
-                s.total_ms = Some(began.elapsed().as_secs_f64() * 1000.0);
-                match &result {
-                    Ok(_) => s.state = MigrationState::Completed,
-                    Err(e) => {
+                s.total_ms = Some(total_ms);
+                match error {
+                    None => s.state = MigrationState::Completed,
+                    Some(why) => {
                         s.state = MigrationState::Failed;
-                        s.error = Some(error_chain(e));
+                        s.error = Some(why);
                     }
                 }
             });
-            match &result {
-                Ok(_) => tracing::info!("migration received: the guest runs here"),
-                Err(e) => tracing::warn!("migration refused: {}", error_chain(e)),
-            }
-            let _ = tx.send(result.map(Box::new).map_err(|e| error_chain(&e)));
-            let _ = thread_evt.write(1);
         })
         .map_err(|e| ActionError::Failed(format!("cannot start the receiving thread: {e}")))?;
     Ok(IncomingMigration { done, evt })
