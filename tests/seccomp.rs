@@ -20,7 +20,11 @@ fn thread_seccomp(pid: u32) -> Vec<(String, String)> {
         return threads;
     };
     for task in tasks.flatten() {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        // A thread that ended since the directory was read (a short-lived helper such as
+        // anvil-kpages) runs nothing, filtered or not.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
         let field = |key: &str| {
             status
                 .lines()
