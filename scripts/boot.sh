@@ -26,7 +26,6 @@ log "building anvil-vmm and the test guest"
 cargo build --release --workspace >&2
 # The binary that ships: static, glibc linked in (scripts/build-static.sh, docs/benchmarks.md).
 vmm=$("$repo/scripts/build-static.sh" | tail -n 1)
-case $vmm in /*) ;; *) vmm=$repo/$vmm ;; esac
 
 if [ ! -e /dev/kvm ]; then
   log "/dev/kvm is missing: this machine cannot run KVM guests"

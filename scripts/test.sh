@@ -41,7 +41,6 @@ cargo build --release --workspace
 # The binary that ships is the static one (no dynamic loader, only the libc code it uses:
 # docs/benchmarks.md); every end-to-end test below runs it.
 ANVIL_TEST_VMM=$("$repo/scripts/build-static.sh" | tail -n 1)
-case $ANVIL_TEST_VMM in /*) ;; *) ANVIL_TEST_VMM=$repo/$ANVIL_TEST_VMM ;; esac
 export ANVIL_TEST_VMM
 log "end-to-end tests run $ANVIL_TEST_VMM"
 # The guest agent of `anvil-vmm run` (static), packed into its initramfs once for both lanes.
