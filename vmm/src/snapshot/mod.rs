@@ -278,6 +278,24 @@ pub fn set_pages(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// Reads the page of `region` at offset `at` (the region's last page may be shorter) into
+/// `page`; returns its length. `path` names the memory file in errors.
+fn read_page(
+    region: &devices::GuestRegionMmap,
+    at: u64,
+    page: &mut [u8],
+    path: &Path,
+) -> Result<usize, SnapshotError> {
+    let n = usize::try_from((region.len() - at).min(PAGE as u64)).unwrap_or(PAGE);
+    region
+        .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
+        .map_err(|e| SnapshotError::Memory {
+            path: path.to_path_buf(),
+            why: format!("cannot read guest memory: {e}"),
+        })?;
+    Ok(n)
+}
+
 /// Writes guest memory to `path`, sparse: all-zero pages are left as holes.
 pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
     let file = create_memory_file(path, mem)?;
@@ -287,13 +305,7 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotEr
         let len = region.len();
         let mut at = 0u64;
         while at < len {
-            let n = usize::try_from((len - at).min(PAGE as u64)).unwrap_or(PAGE);
-            region
-                .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
-                .map_err(|e| SnapshotError::Memory {
-                    path: path.to_path_buf(),
-                    why: format!("cannot read guest memory: {e}"),
-                })?;
+            let n = read_page(region, at, &mut page, path)?;
             if page[..n].iter().any(|&b| b != 0) {
                 file.write_all_at(&page[..n], offset + at)
                     .map_err(io("cannot write memory file", path))?;
@@ -327,13 +339,7 @@ pub fn write_dirty_memory(
             if at >= len {
                 break;
             }
-            let n = usize::try_from((len - at).min(PAGE as u64)).unwrap_or(PAGE);
-            region
-                .read_slice(&mut page[..n], vm_memory::MemoryRegionAddress(at))
-                .map_err(|e| SnapshotError::Memory {
-                    path: path.to_path_buf(),
-                    why: format!("cannot read guest memory: {e}"),
-                })?;
+            let n = read_page(region, at, &mut page, path)?;
             file.write_all_at(&page[..n], offset + at)
                 .map_err(io("cannot write memory file", path))?;
             written += n as u64;
