@@ -255,11 +255,11 @@ def main():
 
         scenarios(anvil, work, callgrind_for, disk, valgrind=True)
         ran = [n for o in outs for n in functions_run(o, anvil)]
-        demangled = subprocess.run(["c++filt"], input="\n".join(n for _, n in code_symbols(anvil)),
+        names = [n for _, n in code_symbols(anvil)]
+        demangled = subprocess.run(["c++filt"], input="\n".join(names),
                                    capture_output=True, text=True, check=True).stdout
         pattern = re.compile("|".join(BY_NAME))
-        by_name = [n for (_, n), d in zip(code_symbols(anvil), demangled.splitlines())
-                   if pattern.search(d)]
+        by_name = [n for n, d in zip(names, demangled.splitlines()) if pattern.search(d)]
         order = write_order(args.out, ran + by_name, anvil)
         print(f"callgrind: {len(order)} functions ({len(by_name)} by name) -> {args.out}")
 
