@@ -40,7 +40,8 @@ fi
 l1dir=$("$repo/scripts/l1-artifacts.sh") || { echo "run-in-l1.sh: no L1 kernel and initramfs" >&2; exit 125; }
 script=$(mktemp /tmp/l1-cmd.XXXXXX)
 log=$(mktemp /tmp/l1-log.XXXXXX)
-trap 'rm -f "$script" "$log"' EXIT
+qerr=$(mktemp /tmp/l1-qemu.XXXXXX)
+trap 'rm -f "$script" "$log" "$qerr"' EXIT
 {
   for v in $(env | sed -n 's/^\(ANVIL_[A-Z0-9_]*\|RUST_[A-Z0-9_]*\|CARGO_[A-Z0-9_]*\|HOME\|PATH\)=.*/\1/p'); do
     printf "export %s='%s'\n" "$v" "$(printenv "$v" | sed "s/'/'\\\\''/g")"
@@ -70,10 +71,15 @@ if [ "$interactive" = 1 ]; then
   timeout --foreground "$timeout" qemu-system-x86_64 "$@" \
     -chardev "stdio,id=console,signal=off,logfile=$log" -serial chardev:console || rc=$?
 else
-  timeout "$timeout" qemu-system-x86_64 "$@" -serial "file:$log" </dev/null >/dev/null 2>&1 || rc=$?
+  timeout "$timeout" qemu-system-x86_64 "$@" -serial "file:$log" </dev/null >"$qerr" 2>&1 || rc=$?
   grep -v -a '^L1-EXIT=' "$log" | tr -d '\r'
 fi
 [ "$rc" = 124 ] && exit 124
 code=$(sed -n 's/^L1-EXIT=\([0-9]*\).*/\1/p' "$log" | tail -1)
-[ -n "$code" ] || exit 125
+if [ -z "$code" ]; then
+  # L1 stopped without reporting COMMAND's status: it crashed, reset or QEMU failed. Say what is known.
+  echo "run-in-l1.sh: L1 stopped without an exit status (QEMU exit status $rc)" >&2
+  [ ! -s "$qerr" ] || { echo "run-in-l1.sh: QEMU said:" >&2; tail -n 40 "$qerr" >&2; }
+  exit 125
+fi
 exit "$code"
