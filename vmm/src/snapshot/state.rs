@@ -62,8 +62,22 @@ pub struct VcpuState {
 
 impl VcpuState {
     /// Reads the state of the (stopped) vCPU `fd`; `msr_list` is what KVM saves.
+    ///
+    /// Two reads change what the others return, so they come first (as in QEMU):
+    /// `KVM_GET_VCPU_EVENTS` delivers a pending exception's payload (CR2 of a page fault,
+    /// DR6 of a debug exception) into the registers, since this VMM does not enable
+    /// `KVM_CAP_EXCEPTION_PAYLOAD`; and `KVM_GET_MP_STATE` accepts a pending INIT or SIPI,
+    /// which can reset the vCPU's registers and LAPIC. Read after them, the registers agree
+    /// with the events; read before, a page fault in flight would be restored with the CR2
+    /// of an earlier one.
     pub fn save(fd: &VcpuFd, msr_list: &[u32]) -> Result<Self, StateError> {
         let kvm = |what| move |e| StateError::Kvm(what, e);
+        let vcpu_events = fd.get_vcpu_events().map_err(kvm("read vCPU events"))?;
+        let mp_state = fd.get_mp_state().map_err(kvm("read the MP state"))?;
+        let regs = fd.get_regs().map_err(kvm("read registers"))?;
+        let xsave = fd.get_xsave().map_err(kvm("read XSAVE state"))?;
+        let xcrs = fd.get_xcrs().map_err(kvm("read XCRs"))?;
+        let sregs = fd.get_sregs().map_err(kvm("read special registers"))?;
         let cpuid = fd
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("read CPUID"))?
@@ -84,14 +98,14 @@ impl VcpuState {
         Ok(Self {
             cpuid,
             msrs,
-            regs: fd.get_regs().map_err(kvm("read registers"))?,
-            sregs: fd.get_sregs().map_err(kvm("read special registers"))?,
-            xsave: fd.get_xsave().map_err(kvm("read XSAVE state"))?,
-            xcrs: fd.get_xcrs().map_err(kvm("read XCRs"))?,
-            debugregs: fd.get_debug_regs().map_err(kvm("read debug registers"))?,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
             lapic: fd.get_lapic().map_err(kvm("read the LAPIC"))?,
-            mp_state: fd.get_mp_state().map_err(kvm("read the MP state"))?,
-            vcpu_events: fd.get_vcpu_events().map_err(kvm("read vCPU events"))?,
+            debugregs: fd.get_debug_regs().map_err(kvm("read debug registers"))?,
+            mp_state,
+            vcpu_events,
             tsc_khz: fd.get_tsc_khz().ok(),
         })
     }
