@@ -247,6 +247,11 @@ fn a_triple_fault_ends_the_vmm_with_guest_failure() {
     std::fs::write(&kernel, tiny_elf(&[0x0f, 0x0b], 0x20_0000)).unwrap();
     let run = boot(&["--kernel", kernel.to_str().unwrap()], T);
     assert_error(&run, EXIT_GUEST_FAILURE, "triple-faulted");
+    // Where the guest was is logged for its developers.
+    assert!(
+        run.stderr.contains("vCPU state at the triple fault") && run.stderr.contains("cr3="),
+        "{run}"
+    );
 }
 
 #[test]

@@ -348,6 +348,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::Shutdown) => {
                 self.metrics.failures.inc();
+                self.log_crash_state("triple fault");
                 Some(VcpuStop::TripleFault)
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
@@ -423,6 +424,32 @@ impl Vcpu {
                 state: Box::new(Err("the vCPU is running: pause it first".into())),
             }),
         }
+    }
+
+    /// Logs where the guest was when this vCPU crashed, for the guest's developers.
+    fn log_crash_state(&self, what: &str) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return;
+        };
+        let events = self.fd.get_vcpu_events().ok();
+        tracing::error!(
+            vcpu = self.id,
+            rip = format_args!("{:#x}", regs.rip),
+            rsp = format_args!("{:#x}", regs.rsp),
+            rflags = format_args!("{:#x}", regs.rflags),
+            cs = format_args!("{:#x}", sregs.cs.selector),
+            cr0 = format_args!("{:#x}", sregs.cr0),
+            cr2 = format_args!("{:#x}", sregs.cr2),
+            cr3 = format_args!("{:#x}", sregs.cr3),
+            cr4 = format_args!("{:#x}", sregs.cr4),
+            efer = format_args!("{:#x}", sregs.efer),
+            gs_base = format_args!("{:#x}", sregs.gs.base),
+            idt = format_args!("{:#x}/{:#x}", sregs.idt.base, sregs.idt.limit),
+            gdt = format_args!("{:#x}/{:#x}", sregs.gdt.base, sregs.gdt.limit),
+            tr = format_args!("{:#x}@{:#x}", sregs.tr.selector, sregs.tr.base),
+            exception = ?events.map(|e| (e.exception.injected, e.exception.nr, e.exception.error_code)),
+            "vCPU state at the {what}"
+        );
     }
 
     /// Waits outside `KVM_RUN` until resumed (true) or the VMM is gone (false). Progress
