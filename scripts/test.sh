@@ -70,9 +70,37 @@ for file in "$repo"/tests/linux_*.rs; do
   bin=$(cargo test --release --test "$test" --no-run --message-format=json 2>/dev/null |
     grep -o "\"executable\":\"[^\"]*/$test-[^\"]*\"" | sed 's/^"executable":"//; s/"$//' | tail -n 1)
   [ -x "$bin" ] || { log "cannot find the $test test binary"; exit 1; }
-  lane="$lane \"$bin\" --test-threads=1 &&"
+  # A binary that fails is run once more, loudly: guests inside L1 (a TCG-emulated CPU with
+  # emulated SVM) crash now and then on their own (docs/testing.md, "The Linux lane"); a
+  # repeatable failure fails both runs, and the retried binaries are listed at the end.
+  lane="$lane { \"$bin\" --test-threads=1 || { echo \"test.sh: RETRYING $test: it FAILED inside L1 (output above)\" >&2; \"$bin\" --test-threads=1; }; } &&"
 done
 # ANVIL_REQUIRE_LINUX makes the Linux-lane tests fail instead of skipping if L1 cannot run them.
-ANVIL_GUEST_DIR=$guest_dir ANVIL_REQUIRE_LINUX=1 \
-  "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- sh -c "$lane true"
+lane_log=$(mktemp /tmp/anvil-lane.XXXXXX)
+trap 'rm -f "$lane_log"' EXIT
+run_lane() {
+  # L1's console is printed once L1 stops; a copy is kept to list the retried binaries.
+  lane_rc=0
+  ANVIL_GUEST_DIR=$guest_dir ANVIL_REQUIRE_LINUX=1 \
+    "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- sh -c "$lane true" \
+    >"$lane_log" 2>&1 || lane_rc=$?
+  cat "$lane_log"
+  retried=$(sed -n 's/^test\.sh: RETRYING \([^:]*\):.*/\1/p' "$lane_log" | tr '\n' ' ')
+  [ -z "$retried" ] || log "Linux-lane binaries that failed once inside L1 and were run again: $retried"
+  return "$lane_rc"
+}
+rc=0
+run_lane || rc=$?
+if [ "$rc" = 125 ]; then
+  # Status 125: the L1 machine itself stopped (QEMU failed, or L1's kernel reset) before the lane
+  # could report a status; run-in-l1.sh printed what QEMU said. That is the emulator, not a test
+  # result: run the whole lane once more, and fail if it does not pass then.
+  log "THE L1 MACHINE STOPPED WITHOUT THE LANE'S STATUS (see above): running the Linux lane again"
+  rc=0
+  run_lane || rc=$?
+fi
+if [ "$rc" != 0 ]; then
+  log "Linux lane FAILED inside L1 (status $rc)"
+  exit "$rc"
+fi
 log "Linux lane passed inside L1"
