@@ -348,7 +348,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::Shutdown) => {
                 self.metrics.failures.inc();
-                self.log_crash_state("triple fault");
+                self.log_triple_fault();
                 Some(VcpuStop::TripleFault)
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
@@ -426,8 +426,10 @@ impl Vcpu {
         }
     }
 
-    /// Logs where the guest was when this vCPU crashed, for the guest's developers.
-    fn log_crash_state(&self, what: &str) {
+    /// Logs where the guest was when this vCPU triple-faulted, for the guest's developers.
+    /// (KVM on AMD has reset the registers by then; the last exception still says what
+    /// failed.)
+    fn log_triple_fault(&self) {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
             return;
         };
@@ -448,7 +450,7 @@ impl Vcpu {
             gdt = format_args!("{:#x}/{:#x}", sregs.gdt.base, sregs.gdt.limit),
             tr = format_args!("{:#x}@{:#x}", sregs.tr.selector, sregs.tr.base),
             exception = ?events.map(|e| (e.exception.injected, e.exception.nr, e.exception.error_code)),
-            "vCPU state at the {what}"
+            "vCPU state at the triple fault"
         );
     }
 
