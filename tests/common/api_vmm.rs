@@ -178,6 +178,26 @@ impl ApiVmm {
 
 impl Drop for ApiVmm {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what every VMM it ran said, including one that stopped
+            // on its own before the assertion that failed.
+            let status = self.child.try_wait().ok().flatten();
+            let console = self.streams[0]
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            let lines: Vec<&str> = console.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            let log = self.streams[1]
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            eprintln!(
+                "--- anvil-vmm {} ({}): the last 40 console lines, then its log:\n{tail}\n{log}--- end",
+                self.socket.display(),
+                status.map_or("still running".to_string(), |s| format!("exited: {s}")),
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
