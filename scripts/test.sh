@@ -64,16 +64,18 @@ log "this host's KVM (kvm_pvm) cannot run Linux: running the Linux lane inside t
 guest_dir=$("$repo/scripts/guest-artifacts.sh")
 # The Linux-lane test binaries (each test file whose name starts with linux_), run one after
 # the other in a single L1 boot.
-lane=""
+# A binary that fails is run again, loudly, up to $attempts times in all: guests inside L1 (a
+# TCG-emulated CPU with emulated SVM) crash now and then on their own (docs/testing.md, "The
+# Linux lane"); a repeatable failure fails every attempt, and the retried binaries are listed at
+# the end.
+attempts=3
+lane="attempt() { n=1; while ! \"\$2\" --test-threads=1; do [ \$n -lt $attempts ] || return 1; n=\$((n+1)); echo \"test.sh: RETRYING \$1: it FAILED inside L1 (output above); attempt \$n of $attempts\" >&2; done; };"
 for file in "$repo"/tests/linux_*.rs; do
   test=$(basename "$file" .rs)
   bin=$(cargo test --release --test "$test" --no-run --message-format=json 2>/dev/null |
     grep -o "\"executable\":\"[^\"]*/$test-[^\"]*\"" | sed 's/^"executable":"//; s/"$//' | tail -n 1)
   [ -x "$bin" ] || { log "cannot find the $test test binary"; exit 1; }
-  # A binary that fails is run once more, loudly: guests inside L1 (a TCG-emulated CPU with
-  # emulated SVM) crash now and then on their own (docs/testing.md, "The Linux lane"); a
-  # repeatable failure fails both runs, and the retried binaries are listed at the end.
-  lane="$lane { \"$bin\" --test-threads=1 || { echo \"test.sh: RETRYING $test: it FAILED inside L1 (output above)\" >&2; \"$bin\" --test-threads=1; }; } &&"
+  lane="$lane attempt $test \"$bin\" &&"
 done
 # ANVIL_REQUIRE_LINUX makes the Linux-lane tests fail instead of skipping if L1 cannot run them.
 lane_log=$(mktemp /tmp/anvil-lane.XXXXXX)
@@ -85,8 +87,8 @@ run_lane() {
     "$repo/resources/l1/run-in-l1.sh" --cpus 2 --mem 2048 --timeout 1500 -- sh -c "$lane true" \
     >"$lane_log" 2>&1 || lane_rc=$?
   cat "$lane_log"
-  retried=$(sed -n 's/^test\.sh: RETRYING \([^:]*\):.*/\1/p' "$lane_log" | tr '\n' ' ')
-  [ -z "$retried" ] || log "Linux-lane binaries that failed once inside L1 and were run again: $retried"
+  retried=$(sed -n 's/^test\.sh: RETRYING \([^:]*\):.*/\1/p' "$lane_log" | sort | uniq -c | awk '{ printf "%s (%d retries) ", $2, $1 }')
+  [ -z "$retried" ] || log "Linux-lane binaries that failed inside L1 and were run again: $retried"
   return "$lane_rc"
 }
 rc=0

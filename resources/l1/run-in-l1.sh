@@ -63,15 +63,16 @@ set -- -M microvm,x-option-roms=off,rtc=on -accel tcg,thread=multi -cpu max \
   -m "$mem" -smp "$cpus" -nodefaults -no-user-config -nographic -no-reboot \
   -kernel "$l1dir/vmlinux-kvmhost" -initrd "$l1dir/l1-initramfs.cpio.gz" \
   -fsdev local,id=hostfs,path=/,security_model=none,multidevs=remap -device virtio-9p-device,fsdev=hostfs,mount_tag=hostroot \
-  -append "console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=1 $tsc_param l1script=$script l1cwd=$(pwd)"
+  -append "console=ttyS0 reboot=k panic=-1 quiet random.trust_cpu=1 $tsc_param ${ANVIL_L1_APPEND:-} l1script=$script l1cwd=$(pwd)"
+qemu=${ANVIL_L1_QEMU:-qemu-system-x86_64}
 rc=0
 if [ "$interactive" = 1 ]; then
   # The console on this terminal (QEMU sets raw mode and restores it; signal=off: Ctrl-C goes to L1), and a
   # copy in the log for the L1-EXIT line. --foreground: QEMU may read the terminal.
-  timeout --foreground "$timeout" qemu-system-x86_64 "$@" \
+  timeout --foreground "$timeout" "$qemu" "$@" \
     -chardev "stdio,id=console,signal=off,logfile=$log" -serial chardev:console || rc=$?
 else
-  timeout "$timeout" qemu-system-x86_64 "$@" -serial "file:$log" </dev/null >"$qerr" 2>&1 || rc=$?
+  timeout "$timeout" "$qemu" "$@" -serial "file:$log" </dev/null >"$qerr" 2>&1 || rc=$?
   grep -v -a '^L1-EXIT=' "$log" | tr -d '\r'
 fi
 [ "$rc" = 124 ] && exit 124
