@@ -10,13 +10,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::io::BufReader;
 use std::time::Duration;
 
 use common::api_vmm::{ok, ApiVmm};
-use common::netns::ip;
+use common::netns::{connect_from, echo, ip};
 use common::{linux_capable, linux_guest_dir, SockDir};
 
 /// The guest's `tick=N sum=S` lines.
@@ -93,36 +91,6 @@ impl Drop for Hosts {
                 .output();
         }
     }
-}
-
-/// Opens a TCP connection from inside network namespace `ns` (on a thread that joins it).
-fn connect_from(ns: &str, addr: &str) -> TcpStream {
-    let (ns, addr) = (ns.to_string(), addr.to_string());
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-        // SAFETY: setns on this thread with a namespace fd we own; it changes only this
-        // thread's network namespace, and the thread ends right after connecting.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
-                Ok(s) => return s,
-                Err(e) if std::time::Instant::now() > deadline => panic!("connect {addr}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
-    })
-    .join()
-    .unwrap()
-}
-
-/// Sends a line on the echo connection and expects it back.
-fn echo(reader: &mut BufReader<TcpStream>, line: &str) {
-    let mut s = reader.get_ref().try_clone().unwrap();
-    s.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut back = String::new();
-    reader.read_line(&mut back).unwrap();
-    assert_eq!(back.trim_end(), line, "the guest's echo");
 }
 
 fn spawn(prefix: &[&str], work: &SockDir, name: &str) -> (ApiVmm, api_server::client::Client) {

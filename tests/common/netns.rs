@@ -1,7 +1,11 @@
 //! A network namespace with a tap, for tests that give the guest a network.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 /// Runs `ip` with `args`; panics with its output when it fails.
 pub fn ip(args: &[&str]) -> String {
@@ -116,4 +120,36 @@ impl Drop for TwoHosts {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// Opens a TCP connection from inside network namespace `ns` (on a thread that joins it).
+#[allow(dead_code)]
+pub fn connect_from(ns: &str, addr: &str) -> TcpStream {
+    let (ns, addr) = (ns.to_string(), addr.to_string());
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on this thread with a namespace fd we own; it changes only this
+        // thread's network namespace, and the thread ends right after connecting.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() > deadline => panic!("connect {addr}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends a line on the echo connection and expects it back.
+#[allow(dead_code)]
+pub fn echo(reader: &mut BufReader<TcpStream>, line: &str) {
+    let mut s = reader.get_ref().try_clone().unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut back = String::new();
+    reader.read_line(&mut back).unwrap();
+    assert_eq!(back.trim_end(), line, "the guest's echo");
 }
