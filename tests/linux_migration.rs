@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::time::Duration;
 
-use common::api_vmm::{ok, ApiVmm};
+use common::api_vmm::{ok, start_ticking_guest, ApiVmm};
 use common::netns::{connect_from, echo, ip};
 use common::{linux_capable, linux_guest_dir, SockDir};
 
@@ -187,30 +187,7 @@ fn linux_moves_between_hosts_with_its_tcp_connection_open() {
         "/network-interfaces/eth0",
         serde_json::json!({"iface_id": "eth0", "host_dev_name": hosts.tap_a, "guest_mac": "52:54:00:12:34:56"}),
     );
-    // A TCP echo service on port 7000; 8 MiB of random data in tmpfs (guest memory); every
-    // tick writes its number to its own 512-byte block of the disk (synchronously) and prints
-    // the buffer's checksum.
-    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
-               nc -l -p 7000 -e cat & \
-               head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
-               echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
-               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
-    ok(
-        &mut sc,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initramfs.cpio.gz"),
-            "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
-        }),
-    );
-    ok(
-        &mut sc,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_ticking_guest(&mut sc, &dir);
     source.wait_for_within("ticks", Duration::from_secs(300), |_| {
         ticks(&source).len() >= 3
     });

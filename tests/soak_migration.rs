@@ -16,7 +16,7 @@ mod common;
 use std::io::BufReader;
 use std::time::Duration;
 
-use common::api_vmm::{ok, ApiVmm};
+use common::api_vmm::{ok, start_ticking_guest, ApiVmm};
 use common::netns::{connect_from, echo, ip};
 use common::{linux_capable, linux_guest_dir, SockDir};
 
@@ -104,27 +104,7 @@ fn linux_guest_survives_many_moves() {
         "/network-interfaces/eth0",
         serde_json::json!({"iface_id": "eth0", "host_dev_name": bridge.taps[0]}),
     );
-    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
-               nc -l -p 7000 -e cat & \
-               head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
-               echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
-               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initramfs.cpio.gz"),
-            "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
-        }),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_ticking_guest(&mut c, &dir);
     vmm.wait_for_within("ticks", Duration::from_secs(300), |_| ticks(&vmm) >= 3);
     let conn = connect_from(&bridge.ns, "10.0.0.2:7000");
     conn.set_read_timeout(Some(Duration::from_secs(60)))

@@ -209,3 +209,33 @@ pub fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
     let r = c.request(method, path, Some(&body.to_string())).unwrap();
     assert_eq!(r.status, 204, "{method} {path}: {r:?}");
 }
+
+/// Boots the Linux guest in `dir` through the API (`c`, already given its machine, a disk as
+/// vda and a network interface) with the workload of the migration tests: a TCP echo service
+/// on port 7000 at 10.0.0.2; 8 MiB of random data in tmpfs (guest memory); every 0.3 s a tick
+/// that writes `block-N` to its own 512-byte block N of the disk (synchronously) and prints
+/// `tick=N sum=<the buffer's md5>`.
+#[allow(dead_code)]
+pub fn start_ticking_guest(c: &mut Client, dir: &std::path::Path) {
+    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
+               nc -l -p 7000 -e cat & \
+               head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
+               echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
+               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
+    ok(
+        c,
+        "PUT",
+        "/boot-source",
+        serde_json::json!({
+            "kernel_image_path": dir.join("vmlinux"),
+            "initrd_path": dir.join("initramfs.cpio.gz"),
+            "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
+        }),
+    );
+    ok(
+        c,
+        "PUT",
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+}
