@@ -7,7 +7,7 @@ mod terminal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use vmm::config::{
@@ -430,8 +430,8 @@ fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, 
             properties: None,
         });
     }
-    let (receiver, _guard) = if args.no_api {
-        (None, None)
+    let (receiver, _guard, server) = if args.no_api {
+        (None, None, None)
     } else {
         let path = args
             .api_sock
@@ -448,26 +448,34 @@ fn firecracker_mode(args: FirecrackerArgs, start: Instant) -> Result<VmOutcome, 
                 std::process::exit(i32::from(EXIT_ERROR));
             }
         });
-        api_server::spawn(listener, sender, on_start).map_err(|e| error_line(&e))?;
+        let server = api_server::spawn(listener, sender, on_start).map_err(|e| error_line(&e))?;
         // The API server's HTTP parser asks std which SIMD extensions the CPU has on the
         // first request, a dozen CPUIDs (each a VM exit when anvil itself runs in a VM). Ask
         // here, while the API thread installs its seccomp filter, so that the answer is cached.
         #[cfg(target_arch = "x86_64")]
         let _ = std::is_x86_feature_detected!("avx2");
         tracing::info!(socket = %guard.0.display(), "API server listening");
-        (Some(receiver), Some(guard))
+        (Some(receiver), Some(guard), Some(server))
     };
     let _raw = terminal::RawStdin::enable();
-    vmm::controller::run(
+    let outcome = vmm::controller::run(
         resources,
         receiver,
         &args.id,
         args.config_file.is_some(),
         Some(libc::STDIN_FILENO),
         start,
-    )
-    .map_err(|e| error_line(&e))
+    );
+    // The VMM has stopped; a response to a request it answered just before must still be
+    // written before the process exits.
+    if let Some(server) = server {
+        server.stop(API_DRAIN_TIMEOUT);
+    }
+    outcome.map_err(|e| error_line(&e))
 }
+
+/// How long an exiting VMM waits for the API thread to write the responses in flight.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// One malloc arena for the whole process, as Firecracker has with musl's allocator: glibc
 /// would otherwise give each new thread (API, vCPUs, device workers) an arena of its own,

@@ -8,7 +8,7 @@ mod routes;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm::rpc::ApiSender;
 
@@ -51,13 +51,35 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
     UnixListener::bind(path).map_err(|e| ApiServerError::Bind(path.to_path_buf(), e))
 }
 
+/// The running API server (see [`spawn`]).
+#[derive(Debug)]
+pub struct ApiServer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Disconnects when the API thread ends.
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl ApiServer {
+    /// Stops accepting connections and requests, and waits up to `timeout` for the responses
+    /// in flight to be written: the VMM's answer to a request it served just before it
+    /// stopped (a guest that shuts down right after a drive update, say) must still reach
+    /// the client, not a closed socket.
+    pub fn stop(mut self, timeout: Duration) {
+        if let Some(stop) = self.stop.take() {
+            // The thread may be gone already (its socket failed): nothing to wait for then.
+            let _ = stop.send(());
+        }
+        let _ = self.done.recv_timeout(timeout);
+    }
+}
+
 /// Serves the API on `listener` from a new thread named `anvil-api`, forwarding requests
 /// through `sender`. `on_start` runs first on the new thread (to install its seccomp filter).
 pub fn spawn(
     listener: UnixListener,
     sender: ApiSender,
     on_start: Box<dyn FnOnce() + Send>,
-) -> Result<JoinHandle<()>, ApiServerError> {
+) -> Result<ApiServer, ApiServerError> {
     listener
         .set_nonblocking(true)
         .map_err(ApiServerError::Thread)?;
@@ -66,9 +88,13 @@ pub fn spawn(
         .enable_time()
         .build()
         .map_err(ApiServerError::Thread)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("anvil-api".into())
         .spawn(move || {
+            // Dropped when the thread ends, which is what `ApiServer::stop` waits for.
+            let _done = done_tx;
             on_start();
             runtime.block_on(async move {
                 let listener = match tokio::net::UnixListener::from_std(listener) {
@@ -79,10 +105,21 @@ pub fn spawn(
                     }
                 };
                 let app = routes::router(std::sync::Arc::new(sender));
-                if let Err(e) = axum::serve(listener, app).await {
+                let shutdown = async move {
+                    // An error means the handle was dropped without `stop`: stop as well.
+                    let _ = stopped.await;
+                };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
                     tracing::error!("API server stopped: {e}");
                 }
             });
         })
-        .map_err(ApiServerError::Thread)
+        .map_err(ApiServerError::Thread)?;
+    Ok(ApiServer {
+        stop: Some(stop),
+        done,
+    })
 }
