@@ -54,7 +54,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiServerError> {
 /// The running API server (see [`spawn`]).
 #[derive(Debug)]
 pub struct ApiServer {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
     /// Disconnects when the API thread ends.
     done: std::sync::mpsc::Receiver<()>,
 }
@@ -64,11 +64,9 @@ impl ApiServer {
     /// in flight to be written: the VMM's answer to a request it served just before it
     /// stopped (a guest that shuts down right after a drive update, say) must still reach
     /// the client, not a closed socket.
-    pub fn stop(mut self, timeout: Duration) {
-        if let Some(stop) = self.stop.take() {
-            // The thread may be gone already (its socket failed): nothing to wait for then.
-            let _ = stop.send(());
-        }
+    pub fn stop(self, timeout: Duration) {
+        // The thread may be gone already (its socket failed): nothing to wait for then.
+        let _ = self.stop.send(());
         let _ = self.done.recv_timeout(timeout);
     }
 }
@@ -118,8 +116,5 @@ pub fn spawn(
             });
         })
         .map_err(ApiServerError::Thread)?;
-    Ok(ApiServer {
-        stop: Some(stop),
-        done,
-    })
+    Ok(ApiServer { stop, done })
 }
