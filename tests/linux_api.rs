@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::api_vmm::{ok, ApiVmm};
+use common::api_vmm::{ok, start_linux, ApiVmm};
 use common::{linux_capable, linux_guest_dir, SockDir};
 
 #[test]
@@ -30,21 +30,11 @@ fn linux_started_by_api_pauses_resumes_and_reboots_on_ctrl_alt_del() {
     );
     // The guest prints a tick every 200 ms until it is rebooted from outside.
     let cmd = "echo cad-ready; i=0; while true; do i=$((i+1)); echo tick=$i; sleep 0.2; done";
-    ok(
+    start_linux(
         &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initramfs.cpio.gz"),
-            "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
-        }),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
+        &dir.join("vmlinux"),
+        &dir.join("initramfs.cpio.gz"),
+        cmd,
     );
     vmm.wait_for_within("the guest's command", Duration::from_secs(300), |out| {
         out.contains("tick=3")

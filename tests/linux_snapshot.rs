@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::api_vmm::{ok, ApiVmm};
+use common::api_vmm::{ok, start_linux, ApiVmm};
 use common::{linux_capable, linux_guest_dir, SockDir};
 
 /// The guest's `tick=N sum=S epoch=E disk=D net=ok|fail vsock=1|0` lines, as key-value maps.
@@ -101,22 +101,7 @@ fn linux_continues_after_a_snapshot_is_loaded_in_a_new_process() {
                disk=$(dd if=/dev/vda bs=1048576 count=1 2>/dev/null | md5sum | cut -c1-32) \
                net=$(ping -c1 -W2 10.0.0.1 >/dev/null 2>&1 && echo ok || echo fail) \
                vsock=$(/bin/vsock-client 5005 t$i | grep -c vsock-reply=echo:t$i); sleep 0.3; done";
-    ok(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        serde_json::json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": initrd,
-            "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
-        }),
-    );
-    ok(
-        &mut c,
-        "PUT",
-        "/actions",
-        serde_json::json!({"action_type": "InstanceStart"}),
-    );
+    start_linux(&mut c, &dir.join("vmlinux"), &initrd, cmd);
     vmm.wait_for_within("ticks", Duration::from_secs(300), |_| {
         ticks(&vmm).len() >= 3
     });

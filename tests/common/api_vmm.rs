@@ -2,7 +2,7 @@
 //! while it runs, for the API tests of both lanes.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -210,25 +210,17 @@ pub fn ok(c: &mut Client, method: &str, path: &str, body: serde_json::Value) {
     assert_eq!(r.status, 204, "{method} {path}: {r:?}");
 }
 
-/// Boots the Linux guest in `dir` through the API (`c`, already given its machine, a disk as
-/// vda and a network interface) with the workload of the migration tests: a TCP echo service
-/// on port 7000 at 10.0.0.2; 8 MiB of random data in tmpfs (guest memory); every 0.3 s a tick
-/// that writes `block-N` to its own 512-byte block N of the disk (synchronously) and prints
-/// `tick=N sum=<the buffer's md5>`.
+/// Boots Linux through the API (`c`, already given the rest of its configuration): `kernel`
+/// and `initrd`, with `cmd` for the guest's init to run (`anvil_cmd=`), console on COM1.
 #[allow(dead_code)]
-pub fn start_ticking_guest(c: &mut Client, dir: &std::path::Path) {
-    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
-               nc -l -p 7000 -e cat & \
-               head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
-               echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
-               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
+pub fn start_linux(c: &mut Client, kernel: &Path, initrd: &Path, cmd: &str) {
     ok(
         c,
         "PUT",
         "/boot-source",
         serde_json::json!({
-            "kernel_image_path": dir.join("vmlinux"),
-            "initrd_path": dir.join("initramfs.cpio.gz"),
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
             "boot_args": format!("console=ttyS0 reboot=k panic=-1 quiet anvil_cmd=\"{cmd}\""),
         }),
     );
@@ -238,4 +230,19 @@ pub fn start_ticking_guest(c: &mut Client, dir: &std::path::Path) {
         "/actions",
         serde_json::json!({"action_type": "InstanceStart"}),
     );
+}
+
+/// Boots the Linux guest in `dir` through the API (`c`, already given its machine, a disk as
+/// vda and a network interface) with the workload of the migration tests: a TCP echo service
+/// on port 7000 at 10.0.0.2; 8 MiB of random data in tmpfs (guest memory); every 0.3 s a tick
+/// that writes `block-N` to its own 512-byte block N of the disk (synchronously) and prints
+/// `tick=N sum=<the buffer's md5>`.
+#[allow(dead_code)]
+pub fn start_ticking_guest(c: &mut Client, dir: &Path) {
+    let cmd = "ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; \
+               nc -l -p 7000 -e cat & \
+               head -c 8388608 /dev/urandom > /tmp/buf; i=0; while true; do i=$((i+1)); \
+               echo block-$i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null; \
+               echo tick=$i sum=$(md5sum < /tmp/buf | cut -c1-32); sleep 0.3; done";
+    start_linux(c, &dir.join("vmlinux"), &dir.join("initramfs.cpio.gz"), cmd);
 }
